@@ -1,0 +1,524 @@
+#include "regcache/cache.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace sanreg {
+
+using internal::kDeadBit;
+using internal::kIncarnationShift;
+using internal::kInvalidatedBit;
+using internal::kRefMask;
+using internal::NowTicks;
+
+namespace {
+
+constexpr int kMaxTableBits = 18;  // 2^18 buckets of 4 slots: 16 MiB, a million slots
+
+uint32_t Incarnation(uint64_t state) { return static_cast<uint32_t>(state >> kIncarnationShift); }
+
+size_t BucketIndex(uint64_t page, int bits) {
+  return static_cast<size_t>((page * 0x9E3779B97F4A7C15ull) >> (64 - bits));
+}
+
+int ThreadShard() {
+  static std::atomic<int> next{0};
+  thread_local int shard = next.fetch_add(1, std::memory_order_relaxed);
+  return shard;
+}
+
+int LatencyBucket(uint64_t ns) {
+  int b = ns == 0 ? 0 : 63 - std::countl_zero(ns);
+  return std::min(b, CacheStats::kLatencyBuckets - 1);
+}
+
+// The environment overrides of RegistrationCache::Options, in one table.
+struct EnvOverride {
+  const char* name;
+  const char* help;
+  std::function<bool(const std::string&, RegistrationCache::Options*)> apply;
+};
+
+bool ParseSize(const std::string& v, size_t* out) {
+  uint64_t x;
+  if (!absl::SimpleAtoi(v, &x)) return false;
+  *out = static_cast<size_t>(x);
+  return true;
+}
+
+const std::vector<EnvOverride>& EnvOverrides() {
+  static const auto* table = new std::vector<EnvOverride>{
+      {"SANREG_CACHE_MAX_REGIONS", "max regions in the cache, 0 for no limit",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         return ParseSize(v, &o->max_regions);
+       }},
+      {"SANREG_CACHE_MAX_BYTES", "max pinned bytes in the cache, 0 for no limit",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         return ParseSize(v, &o->max_pinned_bytes);
+       }},
+      {"SANREG_CACHE_MERGE", "0 or 1: merge overlapping regions",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         if (v != "0" && v != "1") return false;
+         o->merge = v == "1";
+         return true;
+       }},
+      {"SANREG_CACHE_EVICTION", "lru or cost",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         if (v == "lru") {
+           o->eviction = EvictionPolicy::kLru;
+         } else if (v == "cost") {
+           o->eviction = EvictionPolicy::kCostAware;
+         } else {
+           return false;
+         }
+         return true;
+       }},
+  };
+  return *table;
+}
+
+}  // namespace
+
+absl::Status RegistrationCache::Options::ApplyEnvironment() {
+  for (const EnvOverride& e : EnvOverrides()) {
+    const char* v = std::getenv(e.name);
+    if (v == nullptr) continue;
+    if (!e.apply(v, this)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(e.name, "=\"", v, "\" does not parse: expected ", e.help));
+    }
+  }
+  return absl::OkStatus();
+}
+
+RegistrationCache::Table::Table(int b) : bits(b), buckets(new Bucket[size_t{1} << b]) {}
+
+absl::StatusOr<std::unique_ptr<RegistrationCache>> RegistrationCache::Create(
+    Registrar* registrar, const Options& options) {
+  if (registrar == nullptr) return absl::InvalidArgumentError("registrar is null");
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (options.alignment != 0 &&
+      (!std::has_single_bit(options.alignment) || options.alignment < page)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "alignment ", options.alignment, " is not a power of two >= the page size ", page));
+  }
+  if (options.lookup_buckets == 0) return absl::InvalidArgumentError("lookup_buckets is 0");
+  return std::unique_ptr<RegistrationCache>(new RegistrationCache(registrar, options));
+}
+
+RegistrationCache::RegistrationCache(Registrar* registrar, const Options& options)
+    : registrar_(registrar),
+      options_(options),
+      page_shift_(std::countr_zero(static_cast<size_t>(sysconf(_SC_PAGESIZE)))),
+      align_mask_((options.alignment ? options.alignment : size_t{1} << page_shift_) - 1) {
+  int bits = std::clamp(static_cast<int>(std::bit_width(options.lookup_buckets - 1)), 4, kMaxTableBits);
+  tables_.push_back(std::make_unique<Table>(bits));
+  table_.store(tables_.back().get(), std::memory_order_release);
+  if (options_.reclaimer_thread) reclaimer_ = std::thread([this] { ReclaimerLoop(); });
+}
+
+RegistrationCache::~RegistrationCache() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<Region*> all;
+    tree_.VisitOverlapping(0, ~uintptr_t{0}, [&](Tree::Handle h) { all.push_back(Tree::Value(h)); });
+    for (Region* r : all) Kill(r, /*invalidated=*/false);
+  }
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    stop_ = true;
+  }
+  reclaim_cv_.notify_all();
+  if (reclaimer_.joinable()) reclaimer_.join();
+  Flush();
+}
+
+void RegistrationCache::CountHit() const {
+  hits_[ThreadShard() % kCounterShards].value.fetch_add(1, std::memory_order_relaxed);
+}
+
+RegistrationCache::Region* RegistrationCache::TryAcquireFast(uintptr_t a, uintptr_t b,
+                                                             uint32_t access,
+                                                             MissHint* hint) const {
+  const Table* t = table_.load(std::memory_order_acquire);
+  const uint64_t page = a >> page_shift_;
+  const Bucket& bucket = t->buckets[BucketIndex(page, t->bits)];
+  for (const Slot& slot : bucket.slots) {
+    if (slot.key.load(std::memory_order_relaxed) != page) continue;
+    Region* r = slot.region.load(std::memory_order_acquire);
+    if (r == nullptr) continue;
+    uint64_t s = r->state.load(std::memory_order_acquire);
+    if (s & kDeadBit) {
+      if (s & kInvalidatedBit) *hint = MissHint::kInvalidated;
+      continue;
+    }
+    if (r->start.load(std::memory_order_relaxed) > a || r->end.load(std::memory_order_relaxed) < b ||
+        !AccessCovers(r->access.load(std::memory_order_relaxed), access)) {
+      continue;
+    }
+    const uint32_t inc = Incarnation(s);
+    // The CAS validates the reads above: it succeeds only if state did not change since.
+    while ((s & kDeadBit) == 0 && (s & kRefMask) != kRefMask && Incarnation(s) == inc) {
+      if (r->state.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
+                                         std::memory_order_acquire)) {
+        return r;
+      }
+    }
+  }
+  return nullptr;
+}
+
+absl::StatusOr<RegionRef> RegistrationCache::Acquire(uintptr_t addr, size_t len, uint32_t access) {
+  if (len == 0) return absl::InvalidArgumentError("Acquire: length is 0");
+  if (!AccessValid(access)) {
+    return absl::InvalidArgumentError(absl::StrCat("Acquire: bad access bits 0x", absl::Hex(access)));
+  }
+  const uintptr_t end = addr + len;
+  if (end < addr || end + align_mask_ < end) {
+    return absl::InvalidArgumentError("Acquire: range wraps around the address space");
+  }
+  MissHint hint = MissHint::kNone;
+  if (Region* r = TryAcquireFast(addr, end, access, &hint)) {
+    CountHit();
+    return RegionRef(this, r);
+  }
+  return AcquireSlow(addr, end, access, hint);
+}
+
+absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t b,
+                                                         uint32_t access, MissHint hint) {
+  std::unique_lock<std::mutex> lock(mu_);
+  // A covering region with the rights: a hit the lookup table did not know of.
+  Tree::Handle h = tree_.FindCovering(a, b, [access](Region* r, uintptr_t, uintptr_t) {
+    return AccessCovers(r->access.load(std::memory_order_relaxed), access);
+  });
+  if (h != nullptr) {
+    Region* r = Tree::Value(h);
+    // In the tree means alive (invariant 1), and only the lock holder kills: a plain add is safe.
+    uint64_t s = r->state.load(std::memory_order_relaxed);
+    if ((s & kRefMask) == kRefMask) {
+      return absl::ResourceExhaustedError("Acquire: region reference count is saturated");
+    }
+    r->state.fetch_add(1, std::memory_order_acq_rel);
+    FillSlot(a >> page_shift_, r);
+    lock.unlock();
+    CountHit();
+    return RegionRef(this, r);
+  }
+
+  // A miss: say why.
+  if (tree_.FindCovering(a, b, [](Region*, uintptr_t, uintptr_t) { return true; }) != nullptr) {
+    ++slow_stats_.misses_rights;
+  } else if (hint == MissHint::kInvalidated) {
+    ++slow_stats_.misses_invalidated;
+  } else {
+    ++slow_stats_.misses_absent;
+  }
+
+  uintptr_t start = a & ~align_mask_;
+  uintptr_t end = (b + align_mask_) & ~align_mask_;
+  if (options_.merge) {
+    std::vector<Region*> absorb;
+    tree_.VisitOverlapping(start, end, [&](Tree::Handle n) {
+      Region* r = Tree::Value(n);
+      if (AccessCovers(access, r->access.load(std::memory_order_relaxed))) absorb.push_back(r);
+    });
+    for (Region* r : absorb) {
+      start = std::min(start, r->start.load(std::memory_order_relaxed));
+      end = std::max(end, r->end.load(std::memory_order_relaxed));
+      Kill(r, /*invalidated=*/false);
+      ++slow_stats_.merges;
+    }
+  }
+  const size_t len = end - start;
+
+  if (absl::Status room = MakeRoom(len); !room.ok()) {
+    ++slow_stats_.registration_failures;
+    return room;
+  }
+
+  uint64_t t0 = NowTicks();
+  auto t0_ns = std::chrono::steady_clock::now();
+  absl::StatusOr<Registration> reg = registrar_->Register(start, len, access);
+  if (!reg.ok() && reg.status().code() == absl::StatusCode::kResourceExhausted) {
+    // The registrar ran out (memlock limit, NIC resources): free idle registrations for real,
+    // then retry once.
+    size_t freed = 0;
+    while (freed < len) {
+      size_t before = live_bytes_;
+      if (!EvictOne()) break;
+      freed += before - live_bytes_;
+    }
+    Flush();
+    reg = registrar_->Register(start, len, access);
+  }
+  uint64_t cost = NowTicks() - t0;
+  uint64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::steady_clock::now() - t0_ns)
+                    .count();
+  ++slow_stats_.registration_latency[LatencyBucket(ns)];
+  if (!reg.ok()) {
+    ++slow_stats_.registration_failures;
+    return absl::Status(reg.status().code(),
+                        absl::StrCat("registering [0x", absl::Hex(start), ", +", len,
+                                     "): ", reg.status().message()));
+  }
+
+  Region* r = AllocRegion();
+  r->reg = *reg;
+  r->cost_ticks = cost;
+  r->start.store(start, std::memory_order_relaxed);
+  r->end.store(end, std::memory_order_relaxed);
+  r->access.store(access, std::memory_order_relaxed);
+  r->created = NowTicks();
+  r->last_use.store(r->created, std::memory_order_relaxed);
+  uint64_t inc = Incarnation(r->state.load(std::memory_order_relaxed)) + 1;
+  r->state.store((inc << kIncarnationShift) | 1, std::memory_order_release);
+  r->node = tree_.Insert(start, end, r);
+  ++live_regions_;
+  live_bytes_ += len;
+  ++slow_stats_.registrations;
+  uint64_t pinned = pinned_bytes_.fetch_add(len, std::memory_order_relaxed) + len;
+  slow_stats_.pinned_bytes_high_water = std::max(slow_stats_.pinned_bytes_high_water, pinned);
+  PushHeap(r, Priority(r, r->created));
+  MaybeGrowTable();
+  FillSlot(a >> page_shift_, r);
+  return RegionRef(this, r);
+}
+
+absl::Status RegistrationCache::MakeRoom(size_t bytes) {
+  const size_t max_r = options_.max_regions;
+  const size_t max_b = options_.max_pinned_bytes;
+  if (max_b != 0 && bytes > max_b) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a region of ", bytes, " bytes exceeds the cache's limit of ", max_b, " pinned bytes"));
+  }
+  while ((max_r != 0 && live_regions_ + 1 > max_r) || (max_b != 0 && live_bytes_ + bytes > max_b)) {
+    if (!EvictOne()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cache limit reached (", live_regions_, " regions, ", live_bytes_,
+                       " bytes; limits ", max_r, " regions, ", max_b,
+                       " bytes) and every region is in use"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+uint64_t RegistrationCache::Priority(const Region* r, uint64_t last_use) const {
+  if (options_.eviction == EvictionPolicy::kCostAware) {
+    return last_use + r->cost_ticks * options_.cost_weight;
+  }
+  return last_use;
+}
+
+void RegistrationCache::PushHeap(Region* r, uint64_t key) {
+  heap_.push_back({key, r, Incarnation(r->state.load(std::memory_order_relaxed))});
+  std::push_heap(heap_.begin(), heap_.end(),
+                 [](const HeapEntry& x, const HeapEntry& y) { return x.key > y.key; });
+  MaybeCompactHeap();
+}
+
+void RegistrationCache::MaybeCompactHeap() {
+  if (heap_.size() < 2 * live_regions_ + 64) return;
+  // Drop entries of regions that died or were recycled since they were pushed.
+  std::erase_if(heap_, [](const HeapEntry& e) {
+    uint64_t s = e.region->state.load(std::memory_order_relaxed);
+    return (s & kDeadBit) || Incarnation(s) != e.incarnation;
+  });
+  std::make_heap(heap_.begin(), heap_.end(),
+                 [](const HeapEntry& x, const HeapEntry& y) { return x.key > y.key; });
+}
+
+bool RegistrationCache::EvictOne() {
+  auto later = [](const HeapEntry& x, const HeapEntry& y) { return x.key > y.key; };
+  // Keys are lower bounds of the regions' priorities (a release only raises last_use), so the
+  // first entry popped whose key is current is the minimum: exact LRU without touching the heap
+  // on the hit path.
+  size_t budget = 2 * heap_.size() + 16;
+  while (!heap_.empty() && budget-- > 0) {
+    std::pop_heap(heap_.begin(), heap_.end(), later);
+    HeapEntry e = heap_.back();
+    heap_.pop_back();
+    Region* r = e.region;
+    uint64_t s = r->state.load(std::memory_order_acquire);
+    if ((s & kDeadBit) || Incarnation(s) != e.incarnation) continue;  // stale entry
+    uint64_t p = Priority(r, r->last_use.load(std::memory_order_relaxed));
+    if ((s & kRefMask) != 0) {
+      // In use: not evictable now; it counts as used now.
+      p = std::max(p, Priority(r, NowTicks()));
+    }
+    if (p > e.key) {
+      heap_.push_back({p, r, e.incarnation});
+      std::push_heap(heap_.begin(), heap_.end(), later);
+      continue;
+    }
+    if ((s & kRefMask) != 0 ||
+        !r->state.compare_exchange_strong(s, s | kDeadBit, std::memory_order_acq_rel)) {
+      // Taken by a hit meanwhile: put it back as used now.
+      heap_.push_back({Priority(r, NowTicks()), r, e.incarnation});
+      std::push_heap(heap_.begin(), heap_.end(), later);
+      continue;
+    }
+    tree_.Erase(r->node);
+    r->node = nullptr;
+    --live_regions_;
+    live_bytes_ -= r->reg.length;
+    ++slow_stats_.evictions;
+    Retire(r);
+    return true;
+  }
+  return false;
+}
+
+void RegistrationCache::Kill(Region* r, bool invalidated) {
+  uint64_t old = r->state.fetch_or(kDeadBit | (invalidated ? kInvalidatedBit : 0),
+                                   std::memory_order_acq_rel);
+  tree_.Erase(r->node);
+  r->node = nullptr;
+  --live_regions_;
+  live_bytes_ -= r->reg.length;
+  if ((old & kRefMask) == 0) Retire(r);
+}
+
+absl::StatusOr<size_t> RegistrationCache::Invalidate(uintptr_t addr, size_t len) {
+  if (len == 0) return absl::InvalidArgumentError("Invalidate: length is 0");
+  if (addr + len < addr) return absl::InvalidArgumentError("Invalidate: range wraps around");
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Region*> hit;
+  tree_.VisitOverlapping(addr, addr + len, [&](Tree::Handle h) { hit.push_back(Tree::Value(h)); });
+  for (Region* r : hit) Kill(r, /*invalidated=*/true);
+  slow_stats_.invalidations += hit.size();
+  return hit.size();
+}
+
+void RegistrationCache::FillSlot(uintptr_t page, Region* r) {
+  Table* t = table_.load(std::memory_order_relaxed);
+  Bucket& bucket = t->buckets[BucketIndex(page, t->bits)];
+  Slot* victim = nullptr;
+  for (Slot& slot : bucket.slots) {
+    if (slot.key.load(std::memory_order_relaxed) == page) {
+      victim = &slot;
+      break;
+    }
+    Region* old = slot.region.load(std::memory_order_relaxed);
+    if (victim == nullptr &&
+        (old == nullptr || (old->state.load(std::memory_order_relaxed) & kDeadBit))) {
+      victim = &slot;
+    }
+  }
+  if (victim == nullptr) victim = &bucket.slots[fill_clock_++ & 3];
+  victim->key.store(page, std::memory_order_relaxed);
+  victim->region.store(r, std::memory_order_release);
+}
+
+void RegistrationCache::MaybeGrowTable() {
+  Table* t = table_.load(std::memory_order_relaxed);
+  if (live_regions_ <= (size_t{1} << t->bits) || t->bits >= kMaxTableBits) return;
+  // Readers may still be in the old table: it is retired, not freed (memory stays below twice the
+  // final table's).
+  tables_.push_back(std::make_unique<Table>(t->bits + 1));
+  table_.store(tables_.back().get(), std::memory_order_release);
+}
+
+RegistrationCache::Region* RegistrationCache::AllocRegion() {
+  std::lock_guard<std::mutex> lock(pool_mu_);
+  if (free_ == nullptr) {
+    size_t n = pool_.empty() ? 64 : std::min<size_t>(64 << pool_.size(), 65536);
+    pool_.push_back(std::make_unique<Region[]>(n));
+    for (size_t i = 0; i < n; ++i) {
+      pool_.back()[i].next_free = free_;
+      free_ = &pool_.back()[i];
+    }
+  }
+  Region* r = free_;
+  free_ = r->next_free;
+  return r;
+}
+
+void RegistrationCache::Retire(Region* r) {
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    reclaim_.push_back(r);
+  }
+  reclaim_cv_.notify_all();
+}
+
+void RegistrationCache::DeregisterBatch(std::vector<Region*>& batch) {
+  for (Region* r : batch) {
+    absl::Status st = registrar_->Deregister(r->reg);
+    if (st.ok()) {
+      deregistrations_.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      deregistration_failures_.fetch_add(1, std::memory_order_relaxed);
+    }
+    pinned_bytes_.fetch_sub(r->reg.length, std::memory_order_relaxed);
+  }
+  std::lock_guard<std::mutex> lock(pool_mu_);
+  for (Region* r : batch) {
+    r->next_free = free_;
+    free_ = r;
+  }
+}
+
+void RegistrationCache::ReclaimerLoop() {
+  std::vector<Region*> batch;
+  std::unique_lock<std::mutex> lock(reclaim_mu_);
+  while (true) {
+    reclaim_cv_.wait(lock, [this] { return stop_ || !reclaim_.empty(); });
+    if (reclaim_.empty() && stop_) return;
+    batch.swap(reclaim_);
+    ++reclaim_busy_;
+    lock.unlock();
+    DeregisterBatch(batch);
+    batch.clear();
+    lock.lock();
+    --reclaim_busy_;
+    reclaim_cv_.notify_all();
+  }
+}
+
+void RegistrationCache::Flush() {
+  std::vector<Region*> batch;
+  std::unique_lock<std::mutex> lock(reclaim_mu_);
+  while (true) {
+    if (!reclaim_.empty()) {
+      batch.swap(reclaim_);
+      ++reclaim_busy_;
+      lock.unlock();
+      DeregisterBatch(batch);
+      batch.clear();
+      lock.lock();
+      --reclaim_busy_;
+      reclaim_cv_.notify_all();
+      continue;
+    }
+    if (reclaim_busy_ == 0) return;
+    reclaim_cv_.wait(lock);
+  }
+}
+
+CacheStats RegistrationCache::Stats() const {
+  CacheStats out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out = slow_stats_;
+    out.regions = live_regions_;
+  }
+  for (const Counter& c : hits_) out.hits += c.value.load(std::memory_order_relaxed);
+  out.deregistrations = deregistrations_.load(std::memory_order_relaxed);
+  out.deregistration_failures = deregistration_failures_.load(std::memory_order_relaxed);
+  out.pinned_bytes = pinned_bytes_.load(std::memory_order_relaxed);
+  out.pinned_bytes_high_water = std::max(out.pinned_bytes_high_water, out.pinned_bytes);
+  return out;
+}
+
+}  // namespace sanreg

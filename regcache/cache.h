@@ -1,0 +1,296 @@
+// cache.h: RegistrationCache, the pin-down cache of memory registrations.
+//
+// A user asks for [addr, addr + len) with some Access rights and gets a RegionRef: a reference to a
+// registered region that covers the range. Dropping the last reference leaves the region registered
+// and idle (lazy deregistration); a later Acquire of a covered range is a hit and costs no
+// registration. Idle regions leave when a limit needs room (eviction) or when the memory behind
+// them changes (Invalidate). Deregistration happens off the caller's thread, on a reclaimer thread,
+// in batches; Flush() drains it.
+//
+// Thread-safety: every method may be called from any thread, concurrently. A RegionRef may be
+// dropped on any thread.
+//
+// The hit path (no lock, no shared write but the region's own reference count):
+//   A lookup table of buckets, each of 4 slots {page key, Region*}, maps the page of a looked-up
+//   address to the region last found for it. Acquire hashes the page, and for each slot whose key
+//   matches: loads region->state (acquire); skips it if dead; checks the region's [start, end)
+//   covers the request and its rights cover the asked ones; then takes a reference with a CAS on
+//   state that succeeds only if state is unchanged. The CAS is what validates everything read
+//   before it: an incarnation's range and rights never change, and any kill or recycle changes
+//   state (dead bit, then a new incarnation), so a successful CAS proves the region was alive, and
+//   was the region read, at the instant it took the reference.
+//   Slots are hints only; a torn {key, Region*} pair or a slot naming a dead or recycled region
+//   costs a slow path, never a wrong answer. Everything else (table fills, tree changes, kills,
+//   evictions) happens under the cache lock.
+//
+// Invariants:
+//   1. A region is in the interval tree iff its state is alive. Only the lock holder kills a region
+//      (Invalidate, eviction, merge), and it removes it from the tree in the same critical section.
+//   2. No Acquire that starts after Invalidate(a, n) returns can return a region overlapping
+//      [a, a + n): every such region is dead before Invalidate returns, and a dead region cannot be
+//      referenced again (a CAS from a dead state is never attempted; a CAS racing the kill fails).
+//   3. A dead region is deregistered exactly once, by whoever sees it dead with 0 references: the
+//      killer if it had none, else the RegionRef that drops the last one. Both decide on the value
+//      of one atomic read-modify-write, so exactly one of them does.
+//   4. Region objects live in a type-stable pool until the cache is destroyed; recycling starts a
+//      new incarnation (state's high 32 bits), so no CAS can succeed on a stale reading (ABA).
+//   5. pinned_bytes counts what the registrar holds registered for this cache, including regions
+//      waiting for the reclaimer; the limits count regions in the tree (those a lookup can find).
+//
+// Limits: max_regions and max_pinned_bytes bound the regions in the index. A miss that would exceed
+// one evicts idle regions (Options::eviction picks which); a registrar kResourceExhausted evicts
+// idle regions, drains the reclaimer and retries once; when nothing idle is left the miss fails
+// with kResourceExhausted. Nothing blocks waiting for a reference to be dropped.
+//
+// Merging (Options::merge): a miss replaces the regions overlapping the request whose rights the
+// request covers by one region spanning all of them, registered with the requested rights.
+//
+// Registration happens under the cache lock (misses are serialised; hits never wait for them).
+
+#ifndef SANREG_REGCACHE_CACHE_H_
+#define SANREG_REGCACHE_CACHE_H_
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "regcache/internal/region.h"
+#include "regcache/interval_tree.h"
+#include "regcache/registrar.h"
+
+namespace sanreg {
+
+class RegistrationCache;
+
+enum class EvictionPolicy {
+  kLru,        // the idle region released longest ago
+  kCostAware,  // LRU, with each region's registration cost (scaled by cost_weight) added to its
+               // last-use time: a region that was expensive to register is kept longer
+};
+
+struct CacheStats {
+  static constexpr int kLatencyBuckets = 32;
+
+  uint64_t hits = 0;
+  uint64_t misses_absent = 0;       // no region covered the range
+  uint64_t misses_rights = 0;       // a region covered it, without the rights asked for
+  uint64_t misses_invalidated = 0;  // the region found for it had been invalidated
+  uint64_t registrations = 0;
+  uint64_t registration_failures = 0;
+  uint64_t deregistrations = 0;
+  uint64_t deregistration_failures = 0;
+  uint64_t evictions = 0;
+  uint64_t invalidations = 0;  // regions dropped by Invalidate
+  uint64_t merges = 0;         // regions absorbed into a merged one
+  uint64_t regions = 0;        // regions in the index now
+  uint64_t pinned_bytes = 0;   // registered bytes now (including regions awaiting the reclaimer)
+  uint64_t pinned_bytes_high_water = 0;
+  // registration_latency[i]: registrations that took [2^i, 2^(i+1)) ns (bucket 0 also takes 0).
+  std::array<uint64_t, kLatencyBuckets> registration_latency{};
+
+  uint64_t misses() const { return misses_absent + misses_rights + misses_invalidated; }
+};
+
+// A counted reference to a cached region. Move-only; dropping it releases the reference.
+class RegionRef {
+ public:
+  RegionRef() = default;
+  RegionRef(RegionRef&& other) noexcept : cache_(other.cache_), region_(other.region_) {
+    other.cache_ = nullptr;
+    other.region_ = nullptr;
+  }
+  RegionRef& operator=(RegionRef&& other) noexcept {
+    if (this != &other) {
+      Reset();
+      cache_ = other.cache_;
+      region_ = other.region_;
+      other.cache_ = nullptr;
+      other.region_ = nullptr;
+    }
+    return *this;
+  }
+  RegionRef(const RegionRef&) = delete;
+  RegionRef& operator=(const RegionRef&) = delete;
+  ~RegionRef() { Reset(); }
+
+  // Drops the reference (if any).
+  inline void Reset();
+
+  explicit operator bool() const { return region_ != nullptr; }
+
+  // REQUIRES: *this holds a reference.
+  // The registered range (page-aligned; with merging it may be larger than what was asked).
+  uintptr_t start() const { return region_->reg.addr; }
+  size_t length() const { return region_->reg.length; }
+  uint32_t access() const { return region_->reg.access; }
+  uint64_t local_key() const { return region_->reg.local_key; }
+  uint64_t remote_key() const { return region_->reg.remote_key; }
+  const Registration& registration() const { return region_->reg; }
+
+ private:
+  friend class RegistrationCache;
+  RegionRef(RegistrationCache* cache, internal::Region* region) : cache_(cache), region_(region) {}
+
+  RegistrationCache* cache_ = nullptr;
+  internal::Region* region_ = nullptr;
+};
+
+class RegistrationCache {
+ public:
+  struct Options {
+    size_t max_regions = 0;       // 0: unlimited
+    size_t max_pinned_bytes = 0;  // 0: unlimited
+    size_t alignment = 0;         // 0: the page size; else a power of two >= the page size
+    bool merge = true;
+    EvictionPolicy eviction = EvictionPolicy::kLru;
+    uint32_t cost_weight = 16;       // kCostAware: ticks of life per tick of registration cost
+    size_t lookup_buckets = 1024;    // initial lookup-table buckets; grows with the regions
+    bool reclaimer_thread = true;    // false: deregister only in Flush (tests)
+
+    // Applies the SANREG_CACHE_* environment overrides (see cache.cc for the table).
+    // Returns kInvalidArgument naming the variable when one does not parse.
+    absl::Status ApplyEnvironment();
+  };
+
+  // Creates a cache registering through `registrar`.
+  // REQUIRES: registrar outlives the cache.
+  // Returns kInvalidArgument for bad options.
+  static absl::StatusOr<std::unique_ptr<RegistrationCache>> Create(Registrar* registrar,
+                                                                   const Options& options);
+
+  // REQUIRES: no RegionRef of this cache is still held. Deregisters every region.
+  ~RegistrationCache();
+
+  RegistrationCache(const RegistrationCache&) = delete;
+  RegistrationCache& operator=(const RegistrationCache&) = delete;
+
+  // Returns a reference to a registered region covering [addr, addr + len) with at least `access`.
+  // Errors: kInvalidArgument (len 0, the range wraps, unknown or no access bits; nothing is
+  // registered); kResourceExhausted (a limit is reached and nothing idle can be evicted, or the
+  // registrar is out of resources after one eviction and retry); the registrar's other errors.
+  absl::StatusOr<RegionRef> Acquire(const void* addr, size_t len, uint32_t access) {
+    return Acquire(reinterpret_cast<uintptr_t>(addr), len, access);
+  }
+  absl::StatusOr<RegionRef> Acquire(uintptr_t addr, size_t len, uint32_t access);
+
+  // Drops every region overlapping [addr, addr + len) from the index before returning: idle ones
+  // are queued for deregistration, in-use ones are deregistered when their last RegionRef goes.
+  // Returns the number of regions dropped, or kInvalidArgument (len 0 or wrapping).
+  absl::StatusOr<size_t> Invalidate(const void* addr, size_t len) {
+    return Invalidate(reinterpret_cast<uintptr_t>(addr), len);
+  }
+  absl::StatusOr<size_t> Invalidate(uintptr_t addr, size_t len);
+
+  // Deregisters everything waiting for the reclaimer, on this thread, and waits for the
+  // reclaimer's batch in progress. After it returns, every region dead before the call is
+  // deregistered.
+  void Flush();
+
+  CacheStats Stats() const;
+  const Options& options() const { return options_; }
+
+ private:
+  friend class RegionRef;
+  using Region = internal::Region;
+  using Tree = IntervalTree<Region*>;
+
+  struct Slot {
+    std::atomic<uint64_t> key{~uint64_t{0}};
+    std::atomic<Region*> region{nullptr};
+  };
+  struct alignas(64) Bucket {
+    Slot slots[4];
+  };
+  struct Table {
+    explicit Table(int bits);
+    int bits;
+    std::unique_ptr<Bucket[]> buckets;
+  };
+  struct HeapEntry {
+    uint64_t key;
+    Region* region;
+    uint32_t incarnation;
+  };
+  struct alignas(64) Counter {
+    std::atomic<uint64_t> value{0};
+  };
+  static constexpr int kCounterShards = 16;
+
+  enum class MissHint { kNone, kInvalidated };
+
+  RegistrationCache(Registrar* registrar, const Options& options);
+
+  Region* TryAcquireFast(uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint) const;
+  absl::StatusOr<RegionRef> AcquireSlow(uintptr_t a, uintptr_t b, uint32_t access, MissHint hint);
+  // Called by RegionRef when it dropped the last reference of a dead region.
+  void Retire(Region* r);
+
+  // All below: REQUIRES mu_ held.
+  void FillSlot(uintptr_t page, Region* r);
+  void Kill(Region* r, bool invalidated);
+  bool EvictOne();
+  absl::Status MakeRoom(size_t bytes);
+  uint64_t Priority(const Region* r, uint64_t last_use) const;
+  void PushHeap(Region* r, uint64_t key);
+  void MaybeCompactHeap();
+  void MaybeGrowTable();
+  Region* AllocRegion();
+
+  void ReclaimerLoop();
+  void DeregisterBatch(std::vector<Region*>& batch);
+  void CountHit() const;
+
+  Registrar* const registrar_;
+  const Options options_;
+  const int page_shift_;
+  const uintptr_t align_mask_;
+
+  std::atomic<Table*> table_;
+
+  mutable std::mutex mu_;
+  Tree tree_;                           // guarded by mu_
+  std::vector<HeapEntry> heap_;         // min-heap on key, guarded by mu_
+  std::vector<std::unique_ptr<Table>> tables_;  // current and retired, guarded by mu_
+  uint32_t fill_clock_ = 0;             // guarded by mu_
+  size_t live_regions_ = 0;             // guarded by mu_
+  size_t live_bytes_ = 0;               // guarded by mu_
+  CacheStats slow_stats_;               // misses, registrations, evictions...; guarded by mu_
+
+  mutable std::array<Counter, kCounterShards> hits_;
+  std::atomic<uint64_t> pinned_bytes_{0};
+  std::atomic<uint64_t> deregistrations_{0};
+  std::atomic<uint64_t> deregistration_failures_{0};
+
+  std::mutex pool_mu_;
+  std::vector<std::unique_ptr<Region[]>> pool_;  // guarded by pool_mu_
+  Region* free_ = nullptr;                       // guarded by pool_mu_
+
+  std::mutex reclaim_mu_;
+  std::condition_variable reclaim_cv_;
+  std::vector<Region*> reclaim_;  // dead, unreferenced, awaiting deregistration; reclaim_mu_
+  int reclaim_busy_ = 0;          // batches being deregistered; guarded by reclaim_mu_
+  bool stop_ = false;             // guarded by reclaim_mu_
+  std::thread reclaimer_;
+};
+
+inline void RegionRef::Reset() {
+  if (region_ == nullptr) return;
+  internal::Region* r = region_;
+  region_ = nullptr;
+  r->last_use.store(internal::NowTicks(), std::memory_order_relaxed);
+  uint64_t s = r->state.fetch_sub(1, std::memory_order_acq_rel) - 1;
+  if ((s & internal::kRefMask) == 0 && (s & internal::kDeadBit)) cache_->Retire(r);
+  cache_ = nullptr;
+}
+
+}  // namespace sanreg
+
+#endif  // SANREG_REGCACHE_CACHE_H_

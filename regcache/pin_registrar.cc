@@ -1,0 +1,155 @@
+#include "regcache/pin_registrar.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace sanreg {
+namespace {
+
+// True when every page of [s, e) is mapped: mincore fails with ENOMEM on an unmapped page.
+bool RangeMapped(uintptr_t s, uintptr_t e, size_t page) {
+  unsigned char vec[4096];
+  const size_t chunk = sizeof(vec) * page;
+  for (uintptr_t a = s; a < e; a += chunk) {
+    size_t len = std::min<size_t>(chunk, e - a);
+    if (mincore(reinterpret_cast<void*>(a), len, vec) != 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+PinRegistrar::PinRegistrar() : page_size_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {}
+
+PinRegistrar::~PinRegistrar() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = counts_.begin(); it != counts_.end(); ++it) {
+    auto next = std::next(it);
+    if (it->second != 0 && next != counts_.end()) {
+      munlock(reinterpret_cast<void*>(it->first), next->first - it->first);
+    }
+  }
+}
+
+void PinRegistrar::Split(uintptr_t at) {
+  auto it = counts_.upper_bound(at);
+  if (it == counts_.begin()) {
+    counts_.emplace(at, 0);
+    return;
+  }
+  --it;
+  if (it->first != at) counts_.emplace(at, it->second);
+}
+
+std::vector<std::pair<uintptr_t, uintptr_t>> PinRegistrar::RangesWithCount(uintptr_t s,
+                                                                           uintptr_t e,
+                                                                           uint32_t count) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> out;
+  for (auto it = counts_.find(s); it != counts_.end() && it->first < e; ++it) {
+    if (it->second != count) continue;
+    uintptr_t seg_end = std::next(it)->first;  // Split(e) guarantees a key at e
+    if (!out.empty() && out.back().second == it->first) {
+      out.back().second = seg_end;
+    } else {
+      out.emplace_back(it->first, seg_end);
+    }
+  }
+  return out;
+}
+
+void PinRegistrar::AddCount(uintptr_t s, uintptr_t e, int delta) {
+  for (auto it = counts_.find(s); it != counts_.end() && it->first < e; ++it) {
+    it->second += delta;
+  }
+}
+
+void PinRegistrar::Coalesce(uintptr_t s, uintptr_t e) {
+  // Drop breakpoints in [s, e] whose count equals their predecessor's (or 0 at the front).
+  auto it = counts_.lower_bound(s);
+  if (it != counts_.begin()) --it;
+  while (it != counts_.end() && it->first <= e) {
+    uint32_t prev = it == counts_.begin() ? 0 : std::prev(it)->second;
+    if (it->second == prev) {
+      it = counts_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t length,
+                                                    uint32_t access) {
+  if (length == 0 || addr + length < addr || !AccessValid(access)) {
+    return absl::InvalidArgumentError("pin registrar: empty, wrapping or bad-access range");
+  }
+  const uintptr_t s = addr & ~(page_size_ - 1);
+  const uintptr_t e = (addr + length + page_size_ - 1) & ~(page_size_ - 1);
+  std::lock_guard<std::mutex> lock(mu_);
+  Split(s);
+  Split(e);
+  auto to_lock = RangesWithCount(s, e, 0);
+  for (size_t i = 0; i < to_lock.size(); ++i) {
+    auto [ls, le] = to_lock[i];
+    if (mlock(reinterpret_cast<void*>(ls), le - ls) != 0) {
+      int err = errno;
+      for (size_t j = 0; j < i; ++j) {
+        munlock(reinterpret_cast<void*>(to_lock[j].first), to_lock[j].second - to_lock[j].first);
+      }
+      Coalesce(s, e);
+      if (!RangeMapped(s, e, page_size_)) {
+        return absl::OutOfRangeError(absl::StrCat("pin registrar: [0x", absl::Hex(s), ", 0x",
+                                                  absl::Hex(e), ") is not wholly mapped"));
+      }
+      if (err == ENOMEM || err == EAGAIN || err == EPERM) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "pin registrar: mlock of ", le - ls, " bytes refused (", std::strerror(err),
+            "); locked ", locked_bytes_, " bytes; RLIMIT_MEMLOCK reached?"));
+      }
+      return absl::InternalError(absl::StrCat("pin registrar: mlock: ", std::strerror(err)));
+    }
+  }
+  for (auto [ls, le] : to_lock) locked_bytes_ += le - ls;
+  AddCount(s, e, +1);
+  Coalesce(s, e);
+  Registration reg;
+  reg.addr = s;
+  reg.length = e - s;
+  reg.access = access;
+  reg.handle = next_handle_++;
+  return reg;
+}
+
+absl::Status PinRegistrar::Deregister(const Registration& reg) {
+  const uintptr_t s = reg.addr;
+  const uintptr_t e = reg.addr + reg.length;
+  std::lock_guard<std::mutex> lock(mu_);
+  Split(s);
+  Split(e);
+  if (!RangesWithCount(s, e, 0).empty()) {
+    Coalesce(s, e);
+    return absl::FailedPreconditionError("pin registrar: deregistering pages that are not pinned");
+  }
+  auto to_unlock = RangesWithCount(s, e, 1);
+  AddCount(s, e, -1);
+  Coalesce(s, e);
+  for (auto [us, ue] : to_unlock) {
+    // munlock fails only if the range is no longer mapped, in which case the kernel dropped the
+    // lock with the mapping.
+    munlock(reinterpret_cast<void*>(us), ue - us);
+    locked_bytes_ -= ue - us;
+  }
+  return absl::OkStatus();
+}
+
+size_t PinRegistrar::locked_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return locked_bytes_;
+}
+
+}  // namespace sanreg
