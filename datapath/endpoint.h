@@ -1,0 +1,134 @@
+// endpoint.h: one connection of a Fabric, and the listener that accepts them.
+//
+// An Endpoint moves bytes between registered local buffers and a peer's exposed region with
+// one-sided RDMA: Write (local -> remote) and Read (remote -> local). Both post and return at once;
+// the result arrives in a caller-owned Completion (callback, Done() or Wait()).
+//
+// Errors. Write/Read return non-OK without starting anything when:
+//   kInvalidArgument   the scatter-gather list is empty, longer than Completion::kMaxSge, has an
+//                      empty or null entry or one its registration does not cover; or the
+//                      Completion is in flight;
+//   kPermissionDenied  the descriptor was exposed on another connection, lacks the right (Write
+//                      needs kAccessRemoteWrite, Read kAccessRemoteRead), or a local registration
+//                      lacks kAccessLocalWrite for Read;
+//   kOutOfRange        offset + total length runs past the descriptor's length;
+//   kUnavailable       the connection is lost or closed.
+// A posted operation completes with OK, or with:
+//   kPermissionDenied  the target's provider refused the access (wrong or revoked key, bounds,
+//                      rights); nothing was transferred. As with an RC queue pair, the connection is
+//                      failed afterwards;
+//   kUnavailable       the peer closed, died or stopped answering (operation deadline), or the
+//                      connection failed on an earlier error: every pending operation completes so;
+//   kCancelled         this side closed the endpoint.
+//
+// What the providers enforce (libfabric 1.17, checked by datapath/security_test.cc):
+//   tcp (ofi_rxm): the target checks key, bounds and rights on each access and refuses with an
+//       error. A refused write is only reported when the write asks for delivery completion, so
+//       every Write here uses FI_DELIVERY_COMPLETE: a completed Write is in the target's memory.
+//   shm: the target checks key, bounds and rights and moves nothing, but never tells the
+//       initiator, whose operation would wait forever. The operation deadline (FabricOptions::
+//       op_timeout) bounds that: the connection fails and the operation completes kUnavailable.
+//   Both: registrations are domain-wide (no FI_MR_ENDPOINT), so a key works from any connection of
+//       the target's fabric; the connection check on descriptors is done here, on the initiator,
+//       and the unguessable keys are what stop a peer that forges one.
+//
+// Thread-safety: Write, Read, Poll and Close may be called from any thread, concurrently.
+// Invariants:
+//   1. At most max_in_flight() operations are with the provider; the rest wait in a FIFO queue and
+//      are posted, in order, as completions free room or -FI_EAGAIN clears. Posting never spins.
+//   2. When the connection fails or closes, the provider endpoint is closed first (the provider no
+//      longer touches any buffer), then every pending operation completes, once.
+
+#ifndef SANREG_DATAPATH_ENDPOINT_H_
+#define SANREG_DATAPATH_ENDPOINT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "datapath/completion.h"
+#include "datapath/remote_region.h"
+#include "regcache/registrar.h"
+
+namespace sanreg {
+
+namespace internal {
+class EndpointCore;
+class ListenerCore;
+}  // namespace internal
+
+class Endpoint {
+ public:
+  ~Endpoint();  // Close()s
+  Endpoint(const Endpoint&) = delete;
+  Endpoint& operator=(const Endpoint&) = delete;
+
+  // Exposes [addr, addr + length) of `reg` to this connection's peer with `rights` (remote bits).
+  // Returns kInvalidArgument when the range is empty or outside `reg`, kPermissionDenied when `reg`
+  // lacks a requested right, kUnavailable when the connection is lost.
+  absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
+                                      uint32_t rights, uint64_t generation = 0) const;
+
+  // Writes `sg`, in order, to `dst` starting at byte `offset`. See the file comment for errors.
+  // REQUIRES: the buffers stay registered and unchanged until `c` is Done().
+  absl::Status Write(std::span<const Sge> sg, const RemoteRegion& dst, uint64_t offset,
+                     Completion* c);
+
+  // Reads into `sg`, in order, from `src` starting at byte `offset`.
+  absl::Status Read(std::span<const Sge> sg, const RemoteRegion& src, uint64_t offset,
+                    Completion* c);
+
+  // Reaps completions on the calling thread (the progress thread does so anyway). Returns how
+  // many operations it completed.
+  size_t Poll();
+
+  // Fails every pending operation with kCancelled and closes the connection. Idempotent.
+  void Close();
+
+  // False once the connection is lost or closed.
+  bool connected() const;
+  // Why the connection is not usable (OK while connected).
+  absl::Status health() const;
+  // Shared by both ends of the connection; stamped into the descriptors it exposes.
+  uint64_t connection_id() const;
+  size_t max_in_flight() const;
+  // Operations posted to the provider or queued, not yet completed.
+  size_t pending() const;
+
+ private:
+  friend class internal::ListenerCore;
+  friend class Fabric;
+  explicit Endpoint(std::shared_ptr<internal::EndpointCore> core);
+  std::shared_ptr<internal::EndpointCore> core_;
+};
+
+class Listener {
+ public:
+  ~Listener();
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+
+  // Blocks for the next connection and completes the address exchange. Returns kCancelled after
+  // Close, kUnavailable when the handshake fails, kFailedPrecondition on a provider mismatch.
+  absl::StatusOr<std::unique_ptr<Endpoint>> Accept();
+
+  // "host:port" it listens on, with the port bound.
+  std::string address() const;
+  uint16_t port() const;
+
+  // Stops listening; a blocked Accept returns kCancelled. Idempotent.
+  void Close();
+
+ private:
+  friend class Fabric;
+  explicit Listener(std::unique_ptr<internal::ListenerCore> core);
+  std::unique_ptr<internal::ListenerCore> core_;
+};
+
+}  // namespace sanreg
+
+#endif  // SANREG_DATAPATH_ENDPOINT_H_

@@ -1,0 +1,96 @@
+// fabric.h: a libfabric provider opened for sanreg, the root object of the data path.
+//
+// A Fabric owns one provider domain (every registration and endpoint lives in it) and one progress
+// thread that serves all of its endpoints: it reaps completions, retries operations the provider
+// refused with -FI_EAGAIN, watches each connection's out-of-band socket for a lost peer and enforces
+// the operation deadline. The provider's data progress is manual on tcp and shm, so a passive target
+// only makes progress because of this thread. While no operation is in flight the thread sleeps
+// between polls (up to FabricOptions::idle_poll), so an idle fabric burns no core.
+//
+// Providers: "tcp" (libfabric's tcp under ofi_rxm, FI_EP_RDM), "shm" (same host only, FI_EP_RDM),
+// "auto" (today: tcp, which reaches every peer; per-peer choice of shm is not done yet).
+// Every endpoint is FI_EP_RDM with its own address vector, completion queue and a plain TCP socket
+// for the address exchange, which then serves as the liveness channel of the connection.
+//
+// Thread-safety: all methods are thread-safe. Destroy the Fabric after every Endpoint, Listener and
+// registrar made from it.
+
+#ifndef SANREG_DATAPATH_FABRIC_H_
+#define SANREG_DATAPATH_FABRIC_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "regcache/registrar.h"
+
+namespace sanreg {
+
+namespace internal {
+class FabricCore;
+}
+
+class Endpoint;
+class Listener;
+
+// The data path's options (STYLE.md rule 11). Environment overrides, applied by Open when
+// `apply_env` is set, are declared in one table in libfabric/setup.cc:
+//   SANREG_PROVIDER, SANREG_MAX_IN_FLIGHT, SANREG_OP_TIMEOUT_MS, SANREG_IDLE_POLL_US.
+struct FabricOptions {
+  std::string provider = "auto";  // "tcp", "shm" or "auto"
+  // Operations handed to the provider at once, per endpoint (clamped to the provider's tx size);
+  // more are queued in order and posted as completions free room.
+  size_t max_in_flight = 256;
+  // An operation not completed within this time fails the connection: every pending operation then
+  // completes with kUnavailable. Bounds the wait when a provider drops an access it refuses without
+  // telling the initiator (shm does; see endpoint.h).
+  absl::Duration op_timeout = absl::Seconds(30);
+  // The longest the progress thread sleeps between polls when nothing is in flight.
+  absl::Duration idle_poll = absl::Milliseconds(1);
+  bool apply_env = true;
+};
+
+class Fabric {
+ public:
+  // Opens the provider. Returns kNotFound when the installed libfabric has no such provider with
+  // one-sided RMA on FI_EP_RDM, kInvalidArgument for an unknown name or bad options.
+  static absl::StatusOr<std::unique_ptr<Fabric>> Open(FabricOptions options);
+
+  ~Fabric();
+  Fabric(const Fabric&) = delete;
+  Fabric& operator=(const Fabric&) = delete;
+
+  // The libfabric provider in use, e.g. "tcp;ofi_rxm" or "shm".
+  const std::string& provider_name() const;
+  const FabricOptions& options() const;
+
+  // A registrar that pins through `pinner` (which must outlive it) and then registers the range
+  // with the provider (fi_mr_reg). Remote rights are granted only when asked for; where the
+  // provider takes requested keys they are drawn from getrandom (unguessable); Deregister closes
+  // the provider registration first (the key is revoked when it returns), then unpins.
+  // Registration::handle is private to this registrar; Registration::local_key is the provider's
+  // local descriptor, Registration::remote_key the remote key (0 without remote rights).
+  std::unique_ptr<Registrar> NewRegistrar(Registrar* pinner);
+
+  // Listens on "host:port" (port 0 picks one). Returns kInvalidArgument for a bad address,
+  // kUnavailable when it cannot bind.
+  absl::StatusOr<std::unique_ptr<Listener>> Listen(absl::string_view host_port);
+
+  // Connects to a Listener at "host:port" and exchanges provider addresses. Returns kUnavailable
+  // when nobody answers, kFailedPrecondition when the peer runs another provider.
+  absl::StatusOr<std::unique_ptr<Endpoint>> Connect(absl::string_view host_port);
+
+  internal::FabricCore* core() const { return core_.get(); }
+
+ private:
+  explicit Fabric(std::unique_ptr<internal::FabricCore> core);
+  std::unique_ptr<internal::FabricCore> core_;
+};
+
+}  // namespace sanreg
+
+#endif  // SANREG_DATAPATH_FABRIC_H_

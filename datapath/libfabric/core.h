@@ -1,0 +1,182 @@
+// core.h: the libfabric backend's private state behind Fabric, Endpoint and Listener.
+//
+// setup.cc opens and closes things (fi_getinfo, domain, endpoints, the address exchange);
+// data_path.cc holds the hot path (posting, completions, the progress thread).
+//
+// Locking: EndpointCore::cq_mu_ is taken before EndpointCore::mu_ where both are held.
+//   cq_mu_ serializes fi_cq_read/readerr with closing the provider endpoint;
+//   mu_ guards the state, the operation lists and posting (fi_writemsg/fi_readmsg).
+// FabricCore::mu_ guards the endpoint list; it is never held while taking an endpoint's locks.
+//
+// Invariants:
+//   1. A Completion is on exactly one of posted_/queued_ from acceptance until it is unlinked under
+//      mu_; whoever unlinks it completes it, once.
+//   2. posted_count_ <= max_in_flight_; queued_ is non-empty only while posted_count_ ==
+//      max_in_flight_ or the provider last answered -FI_EAGAIN.
+//   3. ep_ is closed (state_ != kOpen) before the operations still listed are completed.
+
+#ifndef SANREG_DATAPATH_LIBFABRIC_CORE_H_
+#define SANREG_DATAPATH_LIBFABRIC_CORE_H_
+
+#include <rdma/fabric.h>
+#include <rdma/fi_domain.h>
+#include <rdma/fi_endpoint.h>
+#include <netinet/in.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "datapath/completion.h"
+#include "datapath/fabric.h"
+#include "datapath/remote_region.h"
+
+namespace sanreg::internal {
+
+class EndpointCore;
+
+// Monotonic nanoseconds (coarse clock: cheap, a few ms of resolution, enough for deadlines).
+int64_t NowCoarseNs();
+
+// Maps a libfabric error number (positive) to a status code.
+absl::Status FiError(const char* what, int err);
+
+class FabricCore {
+ public:
+  FabricCore() = default;
+  ~FabricCore();  // stops the progress thread, closes the domain
+
+  absl::Status Open(const FabricOptions& options);  // setup.cc
+  void StartProgress();
+
+  // Creates a provider endpoint whose local address is the one `sock` is bound to (tcp).
+  absl::StatusOr<std::shared_ptr<EndpointCore>> NewEndpoint(int sock, uint64_t connection_id);
+  void AddEndpoint(std::shared_ptr<EndpointCore> ep);
+  void RemoveEndpoint(EndpointCore* ep);
+
+  // Wakes the progress thread if it sleeps. Cheap when it does not.
+  void Wake();
+
+  FabricOptions options_;
+  fi_info* info_ = nullptr;
+  fid_fabric* fabric_ = nullptr;
+  fid_domain* domain_ = nullptr;
+  std::string provider_name_;
+  bool is_tcp_ = false;
+  bool virt_addr_ = false;     // FI_MR_VIRT_ADDR: remote addresses are virtual addresses
+  bool prov_key_ = false;      // FI_MR_PROV_KEY: the provider picks keys
+  size_t iov_limit_ = 1;
+  size_t max_in_flight_ = 1;
+
+ private:
+  void ProgressLoop();  // data_path.cc
+
+  absl::Mutex mu_;
+  std::vector<std::shared_ptr<EndpointCore>> endpoints_ ABSL_GUARDED_BY(mu_);
+  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> sleeping_{false};
+  int wake_fd_ = -1;  // eventfd
+  std::thread progress_;
+};
+
+class EndpointCore {
+ public:
+  EndpointCore(FabricCore* fabric, uint64_t connection_id) : fabric_(fabric), id_(connection_id) {}
+  EndpointCore(const EndpointCore&) = delete;
+  EndpointCore& operator=(const EndpointCore&) = delete;
+  ~EndpointCore();
+
+  // setup.cc
+  absl::Status OpenProvider(fi_info* info);
+  absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
+                                      uint32_t rights, uint64_t generation);
+  // Fails the connection with `why` (kUnavailable, kCancelled, ...): closes the provider endpoint,
+  // completes every pending operation with `why`, closes the out-of-band socket. Idempotent.
+  void Fail(absl::Status why);
+
+  // data_path.cc
+  absl::Status Post(bool write, std::span<const Sge> sg, const RemoteRegion& r, uint64_t offset,
+                    Completion* c);
+  // Reaps completions, posts queued operations, checks the deadline. Returns operations completed.
+  size_t Progress(int64_t now_ns);
+  // Handles readable data on the out-of-band socket: wake-up bytes, or EOF (peer lost).
+  // Returns true when the peer asked the fabric to stay hot.
+  bool OnSocketReadable();
+  size_t pending() const { return pending_atomic_.load(std::memory_order_relaxed); }
+
+  FabricCore* const fabric_;
+  uint64_t id_;  // set once, before the endpoint is published
+  int sock_ = -1;  // out-of-band socket (non-blocking after the handshake)
+  fid_ep* ep_ = nullptr;
+  fid_cq* cq_ = nullptr;
+  fid_av* av_ = nullptr;
+  fi_addr_t peer_ = FI_ADDR_UNSPEC;
+  std::string local_name_;  // fi_getname
+  std::atomic<bool> open_{false};
+
+ private:
+  friend class sanreg::Completion;
+  enum class State { kOpen, kFailing, kClosed };
+  // Hands `c` to the provider. Returns 0, -FI_EAGAIN, or another negative fi error.
+  ssize_t PostOne(Completion* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PostQueued() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeWakePeer(int64_t now_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static void Link(Completion** head, Completion** tail, Completion* c);
+  static void Unlink(Completion** head, Completion** tail, Completion* c);
+  static void Finish(Completion* c, absl::Status s);
+
+  absl::Mutex cq_mu_;
+  mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(cq_mu_);
+  State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;
+  absl::Status health_ ABSL_GUARDED_BY(mu_);
+  Completion* posted_head_ ABSL_GUARDED_BY(mu_) = nullptr;
+  Completion* posted_tail_ ABSL_GUARDED_BY(mu_) = nullptr;
+  Completion* queued_head_ ABSL_GUARDED_BY(mu_) = nullptr;
+  Completion* queued_tail_ ABSL_GUARDED_BY(mu_) = nullptr;
+  size_t posted_count_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t queued_count_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<size_t> pending_atomic_{0};  // posted_count_ + queued_count_
+  int64_t last_wake_sent_ns_ ABSL_GUARDED_BY(mu_) = 0;
+
+ public:
+  absl::Status health() const {
+    absl::MutexLock l(&mu_);
+    return health_;
+  }
+  bool connected() const {
+    absl::MutexLock l(&mu_);
+    return state_ == State::kOpen;
+  }
+};
+
+class ListenerCore {
+ public:
+  ~ListenerCore();
+  absl::StatusOr<std::unique_ptr<Endpoint>> Accept();
+  void Close();
+
+  FabricCore* fabric_ = nullptr;
+  int fd_ = -1;
+  sockaddr_in addr_ = {};
+  std::atomic<bool> closed_{false};
+};
+
+// The wake-up byte an initiator sends on the out-of-band socket so that a passive target's
+// progress thread polls hot while operations arrive (the providers' data progress is manual).
+inline constexpr char kWakeByte = 'W';
+// How long a wake-up keeps the target hot, and how often an initiator repeats it while busy.
+inline constexpr int64_t kHotWindowNs = 20'000'000;
+inline constexpr int64_t kWakeRepeatNs = 5'000'000;
+
+}  // namespace sanreg::internal
+
+#endif  // SANREG_DATAPATH_LIBFABRIC_CORE_H_

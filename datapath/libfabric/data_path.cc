@@ -1,0 +1,347 @@
+// data_path.cc: the libfabric backend's hot path: posting Write/Read, reaping completions, the
+// progress thread. Nothing here allocates or formats strings on success.
+
+#include <poll.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "datapath/completion.h"
+#include "datapath/endpoint.h"
+#include "datapath/libfabric/core.h"
+
+namespace sanreg {
+namespace {
+
+// Completion::Wait blocks on one of these, chosen by address, so that marking a Completion done
+// never touches it after the waiter may have freed it (invariant 2 of completion.h).
+struct WaitShard {
+  absl::Mutex mu;
+  absl::CondVar cv;
+};
+constexpr size_t kWaitShards = 64;
+WaitShard& ShardFor(const void* p) {
+  static WaitShard shards[kWaitShards];
+  return shards[(reinterpret_cast<uintptr_t>(p) >> 6) % kWaitShards];
+}
+
+}  // namespace
+
+void Completion::Wait() {
+  if (Done()) return;
+  WaitShard& s = ShardFor(this);
+  absl::MutexLock l(&s.mu);
+  while (!Done()) s.cv.Wait(&s.mu);
+}
+
+namespace internal {
+
+void EndpointCore::Finish(Completion* c, absl::Status s) {
+  Completion::Callback cb = c->callback_;
+  void* arg = c->arg_;
+  c->bytes_ = s.ok() ? c->total_ : 0;
+  c->status_ = std::move(s);
+  c->core_ = nullptr;
+  c->posted_ = false;
+  {
+    WaitShard& sh = ShardFor(c);
+    absl::MutexLock l(&sh.mu);
+    c->done_.store(true, std::memory_order_release);
+    sh.cv.SignalAll();
+  }
+  if (cb != nullptr) cb(c, arg);
+}
+
+void EndpointCore::Link(Completion** head, Completion** tail, Completion* c) {
+  c->next_ = nullptr;
+  c->prev_ = *tail;
+  if (*tail != nullptr) {
+    (*tail)->next_ = c;
+  } else {
+    *head = c;
+  }
+  *tail = c;
+}
+
+void EndpointCore::Unlink(Completion** head, Completion** tail, Completion* c) {
+  if (c->prev_ != nullptr) {
+    c->prev_->next_ = c->next_;
+  } else {
+    *head = c->next_;
+  }
+  if (c->next_ != nullptr) {
+    c->next_->prev_ = c->prev_;
+  } else {
+    *tail = c->prev_;
+  }
+  c->prev_ = c->next_ = nullptr;
+}
+
+ssize_t EndpointCore::PostOne(Completion* c) {
+  fi_rma_iov rma = {c->remote_addr_, c->total_, c->remote_key_};
+  fi_msg_rma msg = {};
+  msg.msg_iov = c->iov_;
+  msg.desc = c->desc_;
+  msg.iov_count = c->iov_count_;
+  msg.addr = peer_;
+  msg.rma_iov = &rma;
+  msg.rma_iov_count = 1;
+  msg.context = c;
+  // Delivery completion: the write completes once it is in the target's memory, and a write the
+  // target refuses completes with an error instead of silently (tcp reports it only so).
+  return c->is_write_ ? fi_writemsg(ep_, &msg, FI_COMPLETION | FI_DELIVERY_COMPLETE)
+                      : fi_readmsg(ep_, &msg, FI_COMPLETION);
+}
+
+void EndpointCore::PostQueued() {
+  const size_t max = fabric_->max_in_flight_;
+  while (queued_head_ != nullptr && posted_count_ < max) {
+    Completion* c = queued_head_;
+    ssize_t rc = PostOne(c);
+    if (rc != 0) return;  // -FI_EAGAIN: retried on the next progress; else the deadline fails it
+    Unlink(&queued_head_, &queued_tail_, c);
+    --queued_count_;
+    c->posted_ = true;
+    c->posted_ns_ = NowCoarseNs();
+    Link(&posted_head_, &posted_tail_, c);
+    ++posted_count_;
+  }
+}
+
+void EndpointCore::MaybeWakePeer(int64_t now_ns) {
+  if (now_ns - last_wake_sent_ns_ < kWakeRepeatNs) return;
+  last_wake_sent_ns_ = now_ns;
+  (void)send(sock_, &kWakeByte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const RemoteRegion& r,
+                                uint64_t offset, Completion* c) {
+  if (c == nullptr) return absl::InvalidArgumentError("no completion");
+  if (sg.empty() || sg.size() > fabric_->iov_limit_) {
+    return absl::InvalidArgumentError("scatter-gather list empty or too long");
+  }
+  if (c->core_ != nullptr) return absl::InvalidArgumentError("completion still in flight");
+  size_t total = 0;
+  for (size_t i = 0; i < sg.size(); ++i) {
+    const Sge& e = sg[i];
+    const uintptr_t a = reinterpret_cast<uintptr_t>(e.addr);
+    if (e.reg == nullptr || e.addr == nullptr || e.length == 0 || a + e.length < a ||
+        a < e.reg->addr || a + e.length > e.reg->addr + e.reg->length) {
+      return absl::InvalidArgumentError("buffer empty or not covered by its registration");
+    }
+    if (!write && (e.reg->access & kAccessLocalWrite) == 0) {
+      return absl::PermissionDeniedError("read target not registered for local write");
+    }
+    if (total + e.length < total) return absl::InvalidArgumentError("length overflows");
+    total += e.length;
+    c->iov_[i].iov_base = e.addr;
+    c->iov_[i].iov_len = e.length;
+    c->desc_[i] = reinterpret_cast<void*>(e.reg->local_key);
+  }
+  if (r.connection != id_) {
+    return absl::PermissionDeniedError("descriptor was exposed on another connection");
+  }
+  if ((r.rights & (write ? kAccessRemoteWrite : kAccessRemoteRead)) == 0) {
+    return absl::PermissionDeniedError(write ? "region is not remotely writable"
+                                             : "region is not remotely readable");
+  }
+  if (offset > r.length || total > r.length - offset) {
+    return absl::OutOfRangeError("transfer runs past the end of the remote region");
+  }
+  c->iov_count_ = static_cast<uint8_t>(sg.size());
+  c->total_ = total;
+  c->remote_addr_ = r.addr + offset;
+  c->remote_key_ = r.key;
+  c->is_write_ = write;
+  c->bytes_ = 0;
+  c->status_ = absl::OkStatus();
+  c->done_.store(false, std::memory_order_relaxed);
+  const int64_t now = NowCoarseNs();
+  {
+    absl::MutexLock l(&mu_);
+    if (state_ != State::kOpen) return health_;
+    c->core_ = this;
+    c->posted_ns_ = now;
+    ssize_t rc = -FI_EAGAIN;
+    if (queued_head_ == nullptr && posted_count_ < fabric_->max_in_flight_) rc = PostOne(c);
+    if (rc == 0) {
+      c->posted_ = true;
+      Link(&posted_head_, &posted_tail_, c);
+      ++posted_count_;
+    } else if (rc == -FI_EAGAIN) {
+      c->posted_ = false;
+      Link(&queued_head_, &queued_tail_, c);
+      ++queued_count_;
+    } else {
+      c->core_ = nullptr;
+      return FiError(write ? "fi_writemsg" : "fi_readmsg", static_cast<int>(-rc));
+    }
+    pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
+    MaybeWakePeer(now);
+  }
+  fabric_->Wake();
+  return absl::OkStatus();
+}
+
+size_t EndpointCore::Progress(int64_t now_ns) {
+  if (!open_.load(std::memory_order_acquire)) return 0;
+  constexpr int kBatch = 32;
+  Completion* done[kBatch + 1];
+  size_t ndone = 0;
+  Completion* failed = nullptr;
+  absl::Status failed_status;
+  absl::Status fail_why;
+  {
+    if (!cq_mu_.TryLock()) return 0;
+    if (cq_ == nullptr) {
+      cq_mu_.Unlock();
+      return 0;
+    }
+    fi_cq_entry entries[kBatch];
+    ssize_t got = fi_cq_read(cq_, entries, kBatch);
+    if (got > 0) {
+      for (ssize_t i = 0; i < got; ++i) done[ndone++] = static_cast<Completion*>(entries[i].op_context);
+    } else if (got == -FI_EAVAIL) {
+      fi_cq_err_entry err = {};
+      if (fi_cq_readerr(cq_, &err, 0) == 1) {
+        failed = static_cast<Completion*>(err.op_context);
+        // The target's provider refusing an access (key, bounds, rights) arrives as FI_ECANCELED
+        // (tcp); anything else, or any error while the peer's socket is gone, is a lost peer.
+        pollfd p = {sock_, POLLIN | POLLRDHUP, 0};
+        bool peer_gone = poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP));
+        if (!peer_gone && (err.err == FI_ECANCELED || err.err == FI_EACCES ||
+                           err.err == FI_EPERM || err.err == FI_EINVAL || err.err == FI_ENOKEY)) {
+          failed_status = absl::PermissionDeniedError("the target refused the access");
+        } else {
+          failed_status = FiError("operation failed", err.err);
+          if (failed_status.code() != absl::StatusCode::kUnavailable) {
+            failed_status = absl::UnavailableError(failed_status.message());
+          }
+        }
+      }
+      fail_why = absl::UnavailableError("connection failed after an operation error");
+    } else if (got != -FI_EAGAIN) {
+      fail_why = FiError("fi_cq_read", static_cast<int>(-got));
+    }
+    absl::MutexLock l(&mu_);
+    for (size_t i = 0; i < ndone; ++i) {
+      Unlink(&posted_head_, &posted_tail_, done[i]);
+      --posted_count_;
+    }
+    if (failed != nullptr) {
+      Unlink(&posted_head_, &posted_tail_, failed);
+      --posted_count_;
+    }
+    if (state_ == State::kOpen) {
+      PostQueued();
+      const int64_t timeout_ns = absl::ToInt64Nanoseconds(fabric_->options_.op_timeout);
+      if (fail_why.ok() && posted_head_ != nullptr && now_ns - posted_head_->posted_ns_ > timeout_ns) {
+        fail_why = absl::UnavailableError("operation deadline exceeded: the peer does not answer");
+      }
+    }
+    pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
+    cq_mu_.Unlock();
+  }
+  for (size_t i = 0; i < ndone; ++i) Finish(done[i], absl::OkStatus());
+  if (failed != nullptr) Finish(failed, std::move(failed_status));
+  if (!fail_why.ok()) Fail(std::move(fail_why));
+  return ndone + (failed != nullptr ? 1 : 0);
+}
+
+bool EndpointCore::OnSocketReadable() {
+  char buf[64];
+  ssize_t n = recv(sock_, buf, sizeof buf, MSG_DONTWAIT);
+  if (n > 0) {
+    for (ssize_t i = 0; i < n; ++i) {
+      if (buf[i] != kWakeByte) {
+        Fail(absl::UnavailableError("protocol error on the out-of-band socket"));
+        return false;
+      }
+    }
+    return true;
+  }
+  if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+    Fail(absl::UnavailableError("the peer closed the connection or died"));
+  }
+  return false;
+}
+
+void FabricCore::Wake() {
+  if (!sleeping_.load(std::memory_order_seq_cst)) return;
+  uint64_t one = 1;
+  (void)write(wake_fd_, &one, sizeof one);
+}
+
+void FabricCore::ProgressLoop() {
+  std::vector<std::shared_ptr<EndpointCore>> snap;
+  std::vector<pollfd> fds;
+  uint64_t seen = ~uint64_t{0};
+  int64_t hot_until = 0;
+  int64_t last_poll = 0;
+  const int idle_ms =
+      std::max<int>(1, static_cast<int>(absl::ToInt64Milliseconds(options_.idle_poll)));
+  while (!stop_.load(std::memory_order_relaxed)) {
+    {
+      absl::MutexLock l(&mu_);
+      if (version_ != seen) {
+        seen = version_;
+        snap = endpoints_;
+        fds.clear();
+        fds.push_back({wake_fd_, POLLIN, 0});
+        for (const auto& ep : snap) fds.push_back({ep->sock_, POLLIN, 0});
+      }
+    }
+    int64_t now = NowCoarseNs();
+    size_t work = 0;
+    bool busy = false;
+    for (const auto& ep : snap) {
+      work += ep->Progress(now);
+      busy = busy || ep->pending() > 0;
+    }
+    bool hot = busy || now < hot_until;
+    if (hot && now - last_poll < 1'000'000) {
+      if (work == 0) sched_yield();
+      continue;
+    }
+    last_poll = now;
+    int timeout = 0;
+    if (!hot) {
+      sleeping_.store(true, std::memory_order_seq_cst);
+      bool again = false;
+      for (const auto& ep : snap) again = again || ep->pending() > 0;
+      timeout = again ? 0 : idle_ms;
+    }
+    int n = poll(fds.data(), fds.size(), timeout);
+    sleeping_.store(false, std::memory_order_relaxed);
+    if (n <= 0) continue;
+    if (fds[0].revents != 0) {
+      uint64_t v;
+      (void)read(wake_fd_, &v, sizeof v);
+    }
+    for (size_t i = 1; i < fds.size(); ++i) {
+      if (fds[i].revents != 0 && snap[i - 1]->OnSocketReadable()) {
+        hot_until = NowCoarseNs() + kHotWindowNs;
+      }
+    }
+  }
+}
+
+}  // namespace internal
+
+absl::Status Endpoint::Write(std::span<const Sge> sg, const RemoteRegion& dst, uint64_t offset,
+                             Completion* c) {
+  return core_->Post(true, sg, dst, offset, c);
+}
+
+absl::Status Endpoint::Read(std::span<const Sge> sg, const RemoteRegion& src, uint64_t offset,
+                            Completion* c) {
+  return core_->Post(false, sg, src, offset, c);
+}
+
+size_t Endpoint::Poll() { return core_->Progress(internal::NowCoarseNs()); }
+
+}  // namespace sanreg

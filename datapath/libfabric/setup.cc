@@ -1,0 +1,507 @@
+// setup.cc: opening and closing the libfabric backend: provider selection, the domain, endpoints,
+// the out-of-band address exchange, exposing regions, and failing a connection. The hot path is in
+// data_path.cc.
+
+#include <arpa/inet.h>
+#include <netinet/tcp.h>
+#include <rdma/fi_cm.h>
+#include <rdma/fi_errno.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "datapath/endpoint.h"
+#include "datapath/fabric.h"
+#include "datapath/internal/socket.h"
+#include "datapath/libfabric/core.h"
+
+namespace sanreg {
+namespace internal {
+namespace {
+
+constexpr absl::Duration kHandshakeTimeout = absl::Seconds(10);
+constexpr uint32_t kHelloMagic = 0x31485253;  // "SRH1"
+constexpr uint16_t kHelloVersion = 1;
+constexpr size_t kMaxName = 512;
+
+// Environment overrides of FabricOptions, all in one table (STYLE.md rule 11).
+struct EnvOverride {
+  const char* name;
+  bool (*apply)(FabricOptions& o, const char* value);
+};
+constexpr EnvOverride kEnvOverrides[] = {
+    {"SANREG_PROVIDER",
+     [](FabricOptions& o, const char* v) {
+       o.provider = v;
+       return true;
+     }},
+    {"SANREG_MAX_IN_FLIGHT",
+     [](FabricOptions& o, const char* v) { return absl::SimpleAtoi(v, &o.max_in_flight); }},
+    {"SANREG_OP_TIMEOUT_MS",
+     [](FabricOptions& o, const char* v) {
+       int64_t ms = 0;
+       if (!absl::SimpleAtoi(v, &ms)) return false;
+       o.op_timeout = absl::Milliseconds(ms);
+       return true;
+     }},
+    {"SANREG_IDLE_POLL_US",
+     [](FabricOptions& o, const char* v) {
+       int64_t us = 0;
+       if (!absl::SimpleAtoi(v, &us)) return false;
+       o.idle_poll = absl::Microseconds(us);
+       return true;
+     }},
+};
+
+// The hello each side sends on the out-of-band socket: who it is and where its provider endpoint
+// listens. Fixed header, then the provider name, then the provider address.
+struct HelloHeader {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t provider_len;
+  uint16_t name_len;
+  uint16_t reserved;
+  uint32_t reserved2;
+  uint64_t connection_id;
+};
+static_assert(sizeof(HelloHeader) == 24);
+
+absl::Status SendHello(int fd, const std::string& provider, const std::string& name,
+                       uint64_t connection_id) {
+  HelloHeader h = {kHelloMagic, kHelloVersion, static_cast<uint16_t>(provider.size()),
+                   static_cast<uint16_t>(name.size()), 0, 0, connection_id};
+  std::string buf(reinterpret_cast<const char*>(&h), sizeof h);
+  buf += provider;
+  buf += name;
+  return SendAll(fd, buf.data(), buf.size(), absl::Now() + kHandshakeTimeout);
+}
+
+struct Hello {
+  std::string provider;
+  std::string name;
+  uint64_t connection_id = 0;
+};
+
+absl::StatusOr<Hello> RecvHello(int fd) {
+  absl::Time deadline = absl::Now() + kHandshakeTimeout;
+  HelloHeader h;
+  absl::Status s = RecvAll(fd, &h, sizeof h, deadline);
+  if (!s.ok()) return s;
+  if (h.magic != kHelloMagic || h.version != kHelloVersion || h.provider_len > 64 ||
+      h.name_len == 0 || h.name_len > kMaxName) {
+    return absl::UnavailableError("bad hello from peer");
+  }
+  Hello out;
+  out.connection_id = h.connection_id;
+  out.provider.resize(h.provider_len);
+  out.name.resize(h.name_len);
+  s = RecvAll(fd, out.provider.data(), out.provider.size(), deadline);
+  if (s.ok()) s = RecvAll(fd, out.name.data(), out.name.size(), deadline);
+  if (!s.ok()) return s;
+  return out;
+}
+
+fi_info* MakeHints(const std::string& provider, uint64_t mr_mode) {
+  fi_info* h = fi_allocinfo();
+  h->caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+  h->ep_attr->type = FI_EP_RDM;
+  h->fabric_attr->prov_name = strdup(provider.c_str());
+  h->domain_attr->threading = FI_THREAD_SAFE;
+  h->domain_attr->mr_mode = static_cast<int>(mr_mode);
+  if (provider == "tcp") h->addr_format = FI_SOCKADDR_IN;
+  return h;
+}
+
+}  // namespace
+
+absl::Status FiError(const char* what, int err) {
+  std::string msg = absl::StrCat(what, ": ", fi_strerror(err));
+  switch (err) {
+    case FI_ENOMEM:
+    case FI_ENOSPC:
+      return absl::ResourceExhaustedError(msg);
+    case FI_EINVAL:
+      return absl::InvalidArgumentError(msg);
+    case FI_ENODATA:
+    case FI_ENOSYS:
+      return absl::NotFoundError(msg);
+    case FI_EACCES:
+    case FI_EPERM:
+      return absl::PermissionDeniedError(msg);
+    default:
+      return absl::UnavailableError(msg);
+  }
+}
+
+int64_t NowCoarseNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+absl::Status FabricCore::Open(const FabricOptions& options) {
+  options_ = options;
+  if (options_.apply_env) {
+    for (const EnvOverride& e : kEnvOverrides) {
+      const char* v = getenv(e.name);
+      if (v != nullptr && !e.apply(options_, v)) {
+        return absl::InvalidArgumentError(absl::StrCat("bad value for ", e.name, ": ", v));
+      }
+    }
+  }
+  std::string prov = options_.provider;
+  if (prov == "auto") prov = "tcp";
+  if (prov != "tcp" && prov != "shm") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown provider ", options_.provider));
+  }
+  if (options_.max_in_flight == 0 || options_.op_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("max_in_flight and op_timeout must be positive");
+  }
+  // Ask first for requested keys (so we can make them unguessable) and offset addressing; let a
+  // provider that needs them have provider keys and virtual addresses. FI_MR_ENDPOINT is not
+  // offered: registrations would have to be bound to every endpoint.
+  const uint64_t kModes[] = {
+      FI_MR_LOCAL | FI_MR_ALLOCATED,
+      FI_MR_LOCAL | FI_MR_ALLOCATED | FI_MR_VIRT_ADDR | FI_MR_PROV_KEY,
+  };
+  int rc = -FI_ENODATA;
+  for (uint64_t mode : kModes) {
+    fi_info* hints = MakeHints(prov, mode);
+    rc = fi_getinfo(FI_VERSION(1, 17), nullptr, nullptr, 0, hints, &info_);
+    fi_freeinfo(hints);
+    if (rc == 0) break;
+  }
+  if (rc != 0) {
+    return absl::NotFoundError(absl::StrCat("provider ", prov, " with RMA on FI_EP_RDM: ",
+                                            fi_strerror(-rc)));
+  }
+  // Keep only the first match.
+  fi_freeinfo(info_->next);
+  info_->next = nullptr;
+  provider_name_ = info_->fabric_attr->prov_name;
+  is_tcp_ = prov == "tcp";
+  virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
+  prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
+  iov_limit_ = std::min<size_t>(info_->tx_attr->iov_limit, Completion::kMaxSge);
+  max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
+  if ((rc = fi_fabric(info_->fabric_attr, &fabric_, nullptr)) != 0) return FiError("fi_fabric", -rc);
+  if ((rc = fi_domain(fabric_, info_, &domain_, nullptr)) != 0) return FiError("fi_domain", -rc);
+  wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) return absl::InternalError(absl::StrCat("eventfd: ", strerror(errno)));
+  return absl::OkStatus();
+}
+
+void FabricCore::StartProgress() {
+  progress_ = std::thread([this] { ProgressLoop(); });
+}
+
+FabricCore::~FabricCore() {
+  if (progress_.joinable()) {
+    stop_.store(true);
+    Wake();
+    progress_.join();
+  }
+  {
+    absl::MutexLock l(&mu_);
+    endpoints_.clear();
+  }
+  if (domain_ != nullptr) fi_close(&domain_->fid);
+  if (fabric_ != nullptr) fi_close(&fabric_->fid);
+  if (info_ != nullptr) fi_freeinfo(info_);
+  if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+void FabricCore::AddEndpoint(std::shared_ptr<EndpointCore> ep) {
+  {
+    absl::MutexLock l(&mu_);
+    endpoints_.push_back(std::move(ep));
+    ++version_;
+  }
+  Wake();
+}
+
+void FabricCore::RemoveEndpoint(EndpointCore* ep) {
+  absl::MutexLock l(&mu_);
+  for (size_t i = 0; i < endpoints_.size(); ++i) {
+    if (endpoints_[i].get() == ep) {
+      endpoints_.erase(endpoints_.begin() + static_cast<ptrdiff_t>(i));
+      ++version_;
+      return;
+    }
+  }
+}
+
+absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,
+                                                                      uint64_t connection_id) {
+  fi_info* info = fi_dupinfo(info_);
+  if (info == nullptr) return absl::ResourceExhaustedError("fi_dupinfo");
+  if (is_tcp_) {
+    // Bind the provider endpoint to the interface the out-of-band connection uses, so the address
+    // the peer receives is one it can reach.
+    sockaddr_in local = {};
+    socklen_t len = sizeof local;
+    if (getsockname(sock, reinterpret_cast<sockaddr*>(&local), &len) != 0) {
+      fi_freeinfo(info);
+      return absl::UnavailableError(absl::StrCat("getsockname: ", strerror(errno)));
+    }
+    local.sin_port = 0;
+    free(info->src_addr);
+    info->src_addr = malloc(sizeof local);
+    memcpy(info->src_addr, &local, sizeof local);
+    info->src_addrlen = sizeof local;
+    info->addr_format = FI_SOCKADDR_IN;
+  }
+  auto ep = std::make_shared<EndpointCore>(this, connection_id);
+  ep->sock_ = sock;
+  absl::Status s = ep->OpenProvider(info);
+  fi_freeinfo(info);
+  if (!s.ok()) {
+    ep->sock_ = -1;  // the caller still owns it
+    return s;
+  }
+  return ep;
+}
+
+absl::Status EndpointCore::OpenProvider(fi_info* info) {
+  FabricCore* f = fabric_;
+  fi_cq_attr cq_attr = {};
+  cq_attr.format = FI_CQ_FORMAT_CONTEXT;
+  cq_attr.size = std::max<size_t>(2 * f->max_in_flight_, 64);
+  cq_attr.wait_obj = FI_WAIT_NONE;
+  int rc = fi_cq_open(f->domain_, &cq_attr, &cq_, nullptr);
+  if (rc != 0) return FiError("fi_cq_open", -rc);
+  fi_av_attr av_attr = {};
+  av_attr.type = FI_AV_TABLE;
+  av_attr.count = 2;
+  if ((rc = fi_av_open(f->domain_, &av_attr, &av_, nullptr)) != 0) return FiError("fi_av_open", -rc);
+  if ((rc = fi_endpoint(f->domain_, info, &ep_, nullptr)) != 0) return FiError("fi_endpoint", -rc);
+  if ((rc = fi_ep_bind(ep_, &cq_->fid, FI_TRANSMIT | FI_RECV)) != 0) {
+    return FiError("fi_ep_bind(cq)", -rc);
+  }
+  if ((rc = fi_ep_bind(ep_, &av_->fid, 0)) != 0) return FiError("fi_ep_bind(av)", -rc);
+  if ((rc = fi_enable(ep_)) != 0) return FiError("fi_enable", -rc);
+  char name[kMaxName];
+  size_t len = sizeof name;
+  if ((rc = fi_getname(&ep_->fid, name, &len)) != 0) return FiError("fi_getname", -rc);
+  local_name_.assign(name, len);
+  return absl::OkStatus();
+}
+
+absl::Status InsertPeer(EndpointCore* ep, const std::string& name) {
+  int n = fi_av_insert(ep->av_, name.data(), 1, &ep->peer_, 0, nullptr);
+  if (n != 1) return absl::UnavailableError("fi_av_insert of the peer's address failed");
+  return absl::OkStatus();
+}
+
+EndpointCore::~EndpointCore() {
+  if (ep_ != nullptr) fi_close(&ep_->fid);
+  if (av_ != nullptr) fi_close(&av_->fid);
+  if (cq_ != nullptr) fi_close(&cq_->fid);
+  if (sock_ >= 0) close(sock_);
+}
+
+void EndpointCore::Fail(absl::Status why) {
+  {
+    absl::MutexLock l(&mu_);
+    if (state_ != State::kOpen) return;
+    state_ = State::kFailing;
+    health_ = why;
+  }
+  open_.store(false, std::memory_order_release);
+  Completion* chain = nullptr;
+  {
+    absl::MutexLock cl(&cq_mu_);
+    // Closing the provider endpoint first: afterwards it touches no buffer of ours, so the
+    // operations below may complete and their memory be reused.
+    if (ep_ != nullptr) fi_close(&ep_->fid);
+    ep_ = nullptr;
+    if (av_ != nullptr) fi_close(&av_->fid);
+    av_ = nullptr;
+    if (cq_ != nullptr) fi_close(&cq_->fid);
+    cq_ = nullptr;
+    absl::MutexLock l(&mu_);
+    state_ = State::kClosed;
+    Completion** tail = &chain;
+    for (Completion* c = posted_head_; c != nullptr; c = c->next_) {
+      *tail = c;
+      tail = &c->next_;
+    }
+    for (Completion* c = queued_head_; c != nullptr; c = c->next_) {
+      *tail = c;
+      tail = &c->next_;
+    }
+    *tail = nullptr;
+    posted_head_ = posted_tail_ = queued_head_ = queued_tail_ = nullptr;
+    posted_count_ = queued_count_ = 0;
+    pending_atomic_.store(0, std::memory_order_relaxed);
+  }
+  // The peer learns at once: its liveness socket reads EOF.
+  if (sock_ >= 0) shutdown(sock_, SHUT_RDWR);
+  fabric_->RemoveEndpoint(this);
+  while (chain != nullptr) {
+    Completion* next = chain->next_;
+    Finish(chain, why);
+    chain = next;
+  }
+}
+
+absl::StatusOr<RemoteRegion> EndpointCore::Expose(const Registration& reg, const void* addr,
+                                                  size_t length, uint32_t rights,
+                                                  uint64_t generation) {
+  const uint32_t kRemote = kAccessRemoteRead | kAccessRemoteWrite;
+  uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  if (length == 0 || a < reg.addr || a + length < a || a + length > reg.addr + reg.length) {
+    return absl::InvalidArgumentError("exposed range empty or not inside the registration");
+  }
+  if (rights == 0 || (rights & ~kRemote) != 0) {
+    return absl::InvalidArgumentError("rights must be kAccessRemoteRead and/or kAccessRemoteWrite");
+  }
+  if (!AccessCovers(reg.access, rights) || reg.remote_key == 0) {
+    return absl::PermissionDeniedError("registration lacks the remote rights asked for");
+  }
+  if (!connected()) return health();
+  RemoteRegion r;
+  r.addr = fabric_->virt_addr_ ? a : a - reg.addr;
+  r.length = length;
+  r.key = reg.remote_key;
+  r.rights = rights;
+  r.connection = id_;
+  r.generation = generation;
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<Endpoint>> ListenerCore::Accept() {
+  for (;;) {
+    int fd = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR) continue;
+      if (closed_.load()) return absl::CancelledError("listener closed");
+      return absl::UnavailableError(absl::StrCat("accept: ", strerror(errno)));
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    absl::StatusOr<Hello> hello = RecvHello(fd);
+    if (!hello.ok()) {
+      close(fd);
+      return hello.status();
+    }
+    if (hello->provider != fabric_->provider_name_) {
+      close(fd);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "peer runs provider ", hello->provider, ", this side ", fabric_->provider_name_));
+    }
+    uint64_t id = RandomU64();
+    absl::StatusOr<std::shared_ptr<EndpointCore>> ep = fabric_->NewEndpoint(fd, id);
+    absl::Status s = ep.status();
+    if (s.ok()) s = InsertPeer(ep->get(), hello->name);
+    if (s.ok()) s = SendHello(fd, fabric_->provider_name_, (*ep)->local_name_, id);
+    if (!s.ok()) {
+      if (ep.ok()) (*ep)->sock_ = -1;
+      close(fd);
+      return s;
+    }
+    (*ep)->open_.store(true);
+    fabric_->AddEndpoint(*ep);
+    return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
+  }
+}
+
+void ListenerCore::Close() {
+  if (closed_.exchange(true)) return;
+  shutdown(fd_, SHUT_RDWR);  // wakes a blocked accept
+}
+
+ListenerCore::~ListenerCore() {
+  Close();
+  if (fd_ >= 0) close(fd_);
+}
+
+}  // namespace internal
+
+// ---- public wrappers ----
+
+Fabric::Fabric(std::unique_ptr<internal::FabricCore> core) : core_(std::move(core)) {}
+Fabric::~Fabric() = default;
+
+absl::StatusOr<std::unique_ptr<Fabric>> Fabric::Open(FabricOptions options) {
+  auto core = std::make_unique<internal::FabricCore>();
+  absl::Status s = core->Open(options);
+  if (!s.ok()) return s;
+  core->StartProgress();
+  return std::unique_ptr<Fabric>(new Fabric(std::move(core)));
+}
+
+const std::string& Fabric::provider_name() const { return core_->provider_name_; }
+const FabricOptions& Fabric::options() const { return core_->options_; }
+
+absl::StatusOr<std::unique_ptr<Listener>> Fabric::Listen(absl::string_view host_port) {
+  absl::StatusOr<sockaddr_in> addr = internal::ParseHostPort(host_port);
+  if (!addr.ok()) return addr.status();
+  absl::StatusOr<int> fd = internal::ListenOn(*addr);
+  if (!fd.ok()) return fd.status();
+  auto core = std::make_unique<internal::ListenerCore>();
+  core->fabric_ = core_.get();
+  core->fd_ = *fd;
+  socklen_t len = sizeof core->addr_;
+  getsockname(*fd, reinterpret_cast<sockaddr*>(&core->addr_), &len);
+  return std::unique_ptr<Listener>(new Listener(std::move(core)));
+}
+
+absl::StatusOr<std::unique_ptr<Endpoint>> Fabric::Connect(absl::string_view host_port) {
+  absl::StatusOr<sockaddr_in> addr = internal::ParseHostPort(host_port);
+  if (!addr.ok()) return addr.status();
+  absl::StatusOr<int> fd = internal::ConnectTo(*addr, internal::kHandshakeTimeout);
+  if (!fd.ok()) return fd.status();
+  absl::StatusOr<std::shared_ptr<internal::EndpointCore>> ep = core_->NewEndpoint(*fd, 0);
+  absl::Status s = ep.status();
+  if (s.ok()) s = internal::SendHello(*fd, core_->provider_name_, (*ep)->local_name_, 0);
+  absl::StatusOr<internal::Hello> hello;
+  if (s.ok()) {
+    hello = internal::RecvHello(*fd);
+    s = hello.status();
+  }
+  if (s.ok() && hello->provider != core_->provider_name_) {
+    s = absl::FailedPreconditionError(absl::StrCat("peer runs provider ", hello->provider,
+                                                   ", this side ", core_->provider_name_));
+  }
+  if (s.ok()) s = internal::InsertPeer(ep->get(), hello->name);
+  if (!s.ok()) {
+    if (ep.ok()) (*ep)->sock_ = -1;
+    close(*fd);
+    return s;
+  }
+  (*ep)->id_ = hello->connection_id;
+  (*ep)->open_.store(true);
+  core_->AddEndpoint(*ep);
+  return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
+}
+
+Listener::Listener(std::unique_ptr<internal::ListenerCore> core) : core_(std::move(core)) {}
+Listener::~Listener() = default;
+absl::StatusOr<std::unique_ptr<Endpoint>> Listener::Accept() { return core_->Accept(); }
+std::string Listener::address() const { return internal::FormatHostPort(core_->addr_); }
+uint16_t Listener::port() const { return ntohs(core_->addr_.sin_port); }
+void Listener::Close() { core_->Close(); }
+
+Endpoint::Endpoint(std::shared_ptr<internal::EndpointCore> core) : core_(std::move(core)) {}
+Endpoint::~Endpoint() { Close(); }
+
+absl::StatusOr<RemoteRegion> Endpoint::Expose(const Registration& reg, const void* addr,
+                                              size_t length, uint32_t rights,
+                                              uint64_t generation) const {
+  return core_->Expose(reg, addr, length, rights, generation);
+}
+void Endpoint::Close() { core_->Fail(absl::CancelledError("endpoint closed")); }
+bool Endpoint::connected() const { return core_->connected(); }
+absl::Status Endpoint::health() const { return core_->health(); }
+uint64_t Endpoint::connection_id() const { return core_->id_; }
+size_t Endpoint::max_in_flight() const { return core_->fabric_->max_in_flight_; }
+size_t Endpoint::pending() const { return core_->pending(); }
+
+}  // namespace sanreg
