@@ -98,6 +98,8 @@ absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t lengt
     auto [ls, le] = to_lock[i];
     if (mlock(reinterpret_cast<void*>(ls), le - ls) != 0) {
       int err = errno;
+      // mlock stops at the first hole having locked the pages before it: undo those too.
+      munlock(reinterpret_cast<void*>(ls), le - ls);
       for (size_t j = 0; j < i; ++j) {
         munlock(reinterpret_cast<void*>(to_lock[j].first), to_lock[j].second - to_lock[j].first);
       }
