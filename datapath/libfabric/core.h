@@ -100,8 +100,9 @@ class EndpointCore {
   absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
                                       uint32_t rights, uint64_t generation);
   // Fails the connection with `why` (kUnavailable, kCancelled, ...): closes the provider endpoint,
-  // completes every pending operation with `why`, closes the out-of-band socket. Idempotent.
-  void Fail(absl::Status why);
+  // completes every pending operation with `why`, shuts the out-of-band socket. Unless
+  // `peer_gone`, first waits (bounded) for the peer to close its side. Idempotent.
+  void Fail(absl::Status why, bool peer_gone = false);
 
   // data_path.cc
   absl::Status Post(bool write, std::span<const Sge> sg, const RemoteRegion& r, uint64_t offset,

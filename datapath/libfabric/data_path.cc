@@ -265,7 +265,7 @@ bool EndpointCore::OnSocketReadable() {
     return true;
   }
   if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
-    Fail(absl::UnavailableError("the peer closed the connection or died"));
+    Fail(absl::UnavailableError("the peer closed the connection or died"), /*peer_gone=*/true);
   }
   return false;
 }

@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_errno.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -29,6 +30,8 @@ constexpr absl::Duration kHandshakeTimeout = absl::Seconds(10);
 constexpr uint32_t kHelloMagic = 0x31485253;  // "SRH1"
 constexpr uint16_t kHelloVersion = 1;
 constexpr size_t kMaxName = 512;
+// How long a closing endpoint waits for its peer to close first.
+constexpr absl::Duration kCloseLinger = absl::Seconds(2);
 
 // Environment overrides of FabricOptions, all in one table (STYLE.md rule 11).
 struct EnvOverride {
@@ -186,7 +189,12 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   info_->next = nullptr;
   provider_name_ = info_->fabric_attr->prov_name;
   is_tcp_ = prov == "tcp";
-  virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
+  // Quirk (libfabric 1.17, tcp;ofi_rxm): the provider reports offset addressing (no
+  // FI_MR_VIRT_ADDR), but a target in another domain checks the address it receives against the
+  // registration's virtual range without adding the base: only virtual addresses work across
+  // processes. (Within one domain rxm translates offsets on the initiator, which hides this.)
+  virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0 ||
+               provider_name_.find("ofi_rxm") != std::string::npos;
   prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
   iov_limit_ = std::min<size_t>(info_->tx_attr->iov_limit, Completion::kMaxSge);
   max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
@@ -306,7 +314,7 @@ EndpointCore::~EndpointCore() {
   if (sock_ >= 0) close(sock_);
 }
 
-void EndpointCore::Fail(absl::Status why) {
+void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   {
     absl::MutexLock l(&mu_);
     if (state_ != State::kOpen) return;
@@ -314,6 +322,22 @@ void EndpointCore::Fail(absl::Status why) {
     health_ = why;
   }
   open_.store(false, std::memory_order_release);
+  if (!peer_gone && sock_ >= 0) {
+    // Close in order: tell the peer (EOF on its liveness socket), and keep our provider endpoint
+    // open until it has closed its own (EOF back), so the peer never posts to an endpoint that is
+    // gone. shm in one process dereferences a closed peer's region and crashes otherwise.
+    shutdown(sock_, SHUT_WR);
+    const absl::Time deadline = absl::Now() + kCloseLinger;
+    for (;;) {
+      const int ms = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
+      if (ms <= 0) break;
+      pollfd p = {sock_, POLLIN, 0};
+      if (poll(&p, 1, ms) <= 0) break;
+      char buf[64];
+      ssize_t n = recv(sock_, buf, sizeof buf, MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) break;
+    }
+  }
   Completion* chain = nullptr;
   {
     absl::MutexLock cl(&cq_mu_);

@@ -1,0 +1,284 @@
+// endpoint_test.cc: Write and Read between two endpoints in one process, on tcp and on shm.
+
+#include "datapath/endpoint.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "datapath/fabric.h"
+#include "datapath/internal/test_util.h"
+#include "regcache/pin_registrar.h"
+
+namespace sanreg {
+namespace {
+
+using testing::Buffer;
+using testing::ConnectedPair;
+
+constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
+constexpr uint32_t kRemoteRw = kAccessRemoteRead | kAccessRemoteWrite;
+
+class EndpointTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    FabricOptions o;
+    o.provider = GetParam();
+    o.max_in_flight = 16;  // small, so that queueing is exercised
+    o.apply_env = false;
+    absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(o);
+    ASSERT_TRUE(p.ok()) << p.status();
+    pair_ = std::make_unique<ConnectedPair>(*std::move(p));
+    ireg_ = pair_->initiator_fabric->NewRegistrar(&pin_);
+    treg_ = pair_->target_fabric->NewRegistrar(&pin_);
+  }
+  void TearDown() override {
+    pair_.reset();
+    ireg_.reset();
+    treg_.reset();
+  }
+
+  std::unique_ptr<Buffer> Local(size_t n) {
+    auto b = Buffer::Make(ireg_.get(), n, kLocal);
+    EXPECT_TRUE(b.ok()) << b.status();
+    return b.ok() ? *std::move(b) : nullptr;
+  }
+  std::unique_ptr<Buffer> Target(size_t n, uint32_t access = kLocal | kRemoteRw) {
+    auto b = Buffer::Make(treg_.get(), n, access);
+    EXPECT_TRUE(b.ok()) << b.status();
+    return b.ok() ? *std::move(b) : nullptr;
+  }
+  RemoteRegion Expose(Buffer& b, uint32_t rights = kRemoteRw) {
+    auto r = pair_->target->Expose(b.reg(), b.data(), b.size(), rights);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : RemoteRegion{};
+  }
+
+  PinRegistrar pin_;
+  std::unique_ptr<ConnectedPair> pair_;
+  std::unique_ptr<Registrar> ireg_;
+  std::unique_ptr<Registrar> treg_;
+};
+
+TEST_P(EndpointTest, WriteAndReadEverySizeFromOneByteTo16MiB) {
+  const size_t kMax = 16 << 20;
+  auto src = Local(kMax);
+  auto dst = Local(kMax);
+  auto tgt = Target(kMax);
+  RemoteRegion region = Expose(*tgt);
+  for (size_t n : {size_t{1}, size_t{7}, size_t{64}, size_t{4096}, size_t{65537},
+                   size_t{1} << 20, kMax}) {
+    SCOPED_TRACE(n);
+    src->Fill(static_cast<uint32_t>(n));
+    std::memset(tgt->data(), 0, kMax);
+    Completion c;
+    Sge s = src->sge(0, n);
+    ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
+    c.Wait();
+    ASSERT_TRUE(c.status().ok()) << c.status();
+    EXPECT_EQ(c.bytes(), n);
+    ASSERT_EQ(std::memcmp(tgt->data(), src->data(), n), 0);
+    if (n < kMax) {
+      EXPECT_EQ(tgt->data()[n], 0) << "wrote past the end";
+    }
+
+    std::memset(dst->data(), 0, kMax);
+    Completion r;
+    Sge d = dst->sge(0, n);
+    ASSERT_TRUE(pair_->initiator->Read({&d, 1}, region, 0, &r).ok());
+    r.Wait();
+    ASSERT_TRUE(r.status().ok()) << r.status();
+    ASSERT_EQ(std::memcmp(dst->data(), src->data(), n), 0);
+    if (n < kMax) {
+      EXPECT_EQ(dst->data()[n], 0) << "read past the end";
+    }
+  }
+}
+
+TEST_P(EndpointTest, ScatterGatherListsLandInOrderAtTheOffset) {
+  auto src = Local(64 << 10);
+  auto dst = Local(64 << 10);
+  auto tgt = Target(256 << 10);
+  RemoteRegion region = Expose(*tgt);
+  src->Fill(3);
+  std::memset(tgt->data(), 0, tgt->size());
+  // Three pieces, out of order in the source, written contiguously at offset 12345.
+  Sge sg[3] = {src->sge(40000, 1000), src->sge(0, 3), src->sge(5000, 20000)};
+  const size_t kOffset = 12345;
+  Completion c;
+  ASSERT_TRUE(pair_->initiator->Write(sg, region, kOffset, &c).ok());
+  c.Wait();
+  ASSERT_TRUE(c.status().ok()) << c.status();
+  EXPECT_EQ(c.bytes(), 21003u);
+  EXPECT_EQ(std::memcmp(tgt->data() + kOffset, src->data() + 40000, 1000), 0);
+  EXPECT_EQ(std::memcmp(tgt->data() + kOffset + 1000, src->data(), 3), 0);
+  EXPECT_EQ(std::memcmp(tgt->data() + kOffset + 1003, src->data() + 5000, 20000), 0);
+  EXPECT_EQ(tgt->data()[kOffset - 1], 0);
+  EXPECT_EQ(tgt->data()[kOffset + 21003], 0);
+
+  // Read the same bytes back into four pieces.
+  std::memset(dst->data(), 0, dst->size());
+  Sge rg[4] = {dst->sge(100, 1), dst->sge(200, 1002), dst->sge(30000, 10000),
+               dst->sge(50000, 10000)};
+  Completion r;
+  ASSERT_TRUE(pair_->initiator->Read(rg, region, kOffset, &r).ok());
+  r.Wait();
+  ASSERT_TRUE(r.status().ok()) << r.status();
+  EXPECT_EQ(std::memcmp(dst->data() + 100, tgt->data() + kOffset, 1), 0);
+  EXPECT_EQ(std::memcmp(dst->data() + 200, tgt->data() + kOffset + 1, 1002), 0);
+  EXPECT_EQ(std::memcmp(dst->data() + 30000, tgt->data() + kOffset + 1003, 10000), 0);
+  EXPECT_EQ(std::memcmp(dst->data() + 50000, tgt->data() + kOffset + 11003, 10000), 0);
+}
+
+TEST_P(EndpointTest, ManyInFlightAllCompleteWithTheirData) {
+  const size_t kSlot = 4096;
+  const size_t kOps = 2000;  // far more than max_in_flight: most wait in the queue
+  const size_t kSlots = 256;
+  auto src = Local(kSlot * kSlots);
+  auto tgt = Target(kSlot * kSlots);
+  RemoteRegion region = Expose(*tgt);
+  src->Fill(11);
+  std::memset(tgt->data(), 0, tgt->size());
+  std::atomic<size_t> callbacks{0};
+  auto on_done = [](Completion* c, void* arg) {
+    if (c->status().ok()) static_cast<std::atomic<size_t>*>(arg)->fetch_add(1);
+  };
+  std::vector<Completion> cs(kOps);
+  for (size_t i = 0; i < kOps; ++i) {
+    cs[i].set_callback(on_done, &callbacks);
+    Sge s = src->sge((i % kSlots) * kSlot, kSlot);
+    ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, (i % kSlots) * kSlot, &cs[i]).ok());
+    EXPECT_LE(pair_->initiator->pending(), i + 1);
+  }
+  for (auto& c : cs) {
+    c.Wait();
+    ASSERT_TRUE(c.status().ok()) << c.status();
+  }
+  EXPECT_EQ(pair_->initiator->pending(), 0u);
+  // A callback runs just after its Completion turns done: wait for the last ones.
+  while (callbacks.load() < kOps) std::this_thread::yield();
+  EXPECT_EQ(std::memcmp(tgt->data(), src->data(), tgt->size()), 0);
+
+  // And reads, concurrently from two threads.
+  auto dst = Local(kSlot * kSlots);
+  std::memset(dst->data(), 0, dst->size());
+  auto reader = [&](size_t first) {
+    std::vector<Completion> rs(kSlots / 2);
+    for (size_t j = 0; j < rs.size(); ++j) {
+      size_t slot = first + 2 * j;
+      Sge d = dst->sge(slot * kSlot, kSlot);
+      ASSERT_TRUE(pair_->initiator->Read({&d, 1}, region, slot * kSlot, &rs[j]).ok());
+    }
+    for (auto& r : rs) {
+      r.Wait();
+      EXPECT_TRUE(r.status().ok()) << r.status();
+    }
+  };
+  std::thread t0(reader, 0), t1(reader, 1);
+  t0.join();
+  t1.join();
+  EXPECT_EQ(std::memcmp(dst->data(), src->data(), dst->size()), 0);
+}
+
+TEST_P(EndpointTest, InitiatorRefusesBadDescriptorsAndBuffersBeforeSending) {
+  auto src = Local(8192);
+  auto tgt = Target(8192);
+  std::memset(tgt->data(), 0, tgt->size());
+  src->Fill(5);
+  RemoteRegion rw = Expose(*tgt);
+  Completion c;
+  Sge s = src->sge(0, 100);
+  auto code = [&](absl::Status st) { return st.code(); };
+  // Out of bounds, including offsets that overflow.
+  EXPECT_EQ(code(pair_->initiator->Write({&s, 1}, rw, 8192 - 99, &c)),
+            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(code(pair_->initiator->Read({&s, 1}, rw, ~uint64_t{0} - 50, &c)),
+            absl::StatusCode::kOutOfRange);
+  // Rights.
+  RemoteRegion ro = Expose(*tgt, kAccessRemoteRead);
+  RemoteRegion wo = Expose(*tgt, kAccessRemoteWrite);
+  EXPECT_EQ(code(pair_->initiator->Write({&s, 1}, ro, 0, &c)),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(code(pair_->initiator->Read({&s, 1}, wo, 0, &c)), absl::StatusCode::kPermissionDenied);
+  // A descriptor from another connection.
+  RemoteRegion other = rw;
+  other.connection ^= 1;
+  EXPECT_EQ(code(pair_->initiator->Write({&s, 1}, other, 0, &c)),
+            absl::StatusCode::kPermissionDenied);
+  // Bad scatter-gather lists.
+  EXPECT_EQ(code(pair_->initiator->Write({}, rw, 0, &c)), absl::StatusCode::kInvalidArgument);
+  Sge outside = {src->data() + 8000, 1000, &src->reg()};
+  EXPECT_EQ(code(pair_->initiator->Write({&outside, 1}, rw, 0, &c)),
+            absl::StatusCode::kInvalidArgument);
+  Sge unregistered = {src->data(), 10, nullptr};
+  EXPECT_EQ(code(pair_->initiator->Write({&unregistered, 1}, rw, 0, &c)),
+            absl::StatusCode::kInvalidArgument);
+  Sge five[5] = {s, s, s, s, s};
+  EXPECT_EQ(code(pair_->initiator->Write(five, rw, 0, &c)), absl::StatusCode::kInvalidArgument);
+  // Exposing more than registered, or rights the registration lacks.
+  auto ro_reg = Target(4096, kLocal | kAccessRemoteRead);
+  EXPECT_EQ(pair_->target->Expose(ro_reg->reg(), ro_reg->data(), 4096, kAccessRemoteWrite)
+                .status()
+                .code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(pair_->target->Expose(tgt->reg(), tgt->data(), 8193, kRemoteRw).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Nothing moved, and the connection still works.
+  for (size_t i = 0; i < tgt->size(); ++i) ASSERT_EQ(tgt->data()[i], 0);
+  ASSERT_TRUE(pair_->initiator->Write({&s, 1}, rw, 0, &c).ok());
+  c.Wait();
+  EXPECT_TRUE(c.status().ok()) << c.status();
+}
+
+TEST_P(EndpointTest, PeerCloseCompletesPendingWithUnavailable) {
+  auto src = Local(1 << 20);
+  auto tgt = Target(1 << 20);
+  RemoteRegion region = Expose(*tgt);
+  Completion c;
+  Sge s = src->sge();
+  ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
+  c.Wait();
+  pair_->target->Close();
+  // The initiator learns through the out-of-band socket; every later operation fails at once or
+  // completes with kUnavailable.
+  std::vector<Completion> cs(64);
+  for (auto& x : cs) {
+    absl::Status st = pair_->initiator->Write({&s, 1}, region, 0, &x);
+    if (!st.ok()) {
+      EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+      continue;
+    }
+    x.Wait();
+    EXPECT_FALSE(x.status().ok());
+  }
+  while (pair_->initiator->connected()) pair_->initiator->Poll();
+  EXPECT_EQ(pair_->initiator->health().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_P(EndpointTest, LocalCloseCancelsQueuedOperations) {
+  auto src = Local(1 << 20);
+  auto tgt = Target(1 << 20);
+  RemoteRegion region = Expose(*tgt);
+  std::vector<Completion> cs(200);
+  Sge s = src->sge();
+  for (auto& c : cs) ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
+  pair_->initiator->Close();
+  for (auto& c : cs) {
+    c.Wait();
+    if (!c.status().ok()) {
+      EXPECT_EQ(c.status().code(), absl::StatusCode::kCancelled);
+    }
+  }
+  EXPECT_EQ(pair_->initiator->pending(), 0u);
+  Completion late;
+  EXPECT_EQ(pair_->initiator->Write({&s, 1}, region, 0, &late).code(),
+            absl::StatusCode::kCancelled);
+}
+
+INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest, ::testing::Values("tcp", "shm"),
+                         [](const auto& info) { return std::string(info.param); });
+
+}  // namespace
+}  // namespace sanreg
