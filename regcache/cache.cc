@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
@@ -20,9 +21,24 @@ using internal::kInvalidatedBit;
 using internal::kRefMask;
 using internal::NowTicks;
 
+double internal::NsPerTick() {
+  static const double ns_per_tick = [] {
+    auto t0 = std::chrono::steady_clock::now();
+    uint64_t k0 = NowTicks();
+    std::chrono::steady_clock::time_point t1;
+    do {
+      t1 = std::chrono::steady_clock::now();
+    } while (t1 - t0 < std::chrono::microseconds(100));
+    uint64_t k1 = NowTicks();
+    double ns = std::chrono::duration<double, std::nano>(t1 - t0).count();
+    return k1 > k0 ? ns / static_cast<double>(k1 - k0) : 1.0;
+  }();
+  return ns_per_tick;
+}
+
 namespace {
 
-constexpr int kMaxTableBits = 18;  // 2^18 buckets of 4 slots: 16 MiB, a million slots
+constexpr int kMaxTableBits = 20;  // 2^20 buckets of 4 slots: 64 MiB, 4 million slots
 
 uint32_t Incarnation(uint64_t state) { return static_cast<uint32_t>(state >> kIncarnationShift); }
 
@@ -30,10 +46,42 @@ size_t BucketIndex(uint64_t page, int bits) {
   return static_cast<size_t>((page * 0x9E3779B97F4A7C15ull) >> (64 - bits));
 }
 
-int ThreadShard() {
-  static std::atomic<int> next{0};
-  thread_local int shard = next.fetch_add(1, std::memory_order_relaxed);
-  return shard;
+// A hit-counter slot this thread owns alone while it lives, or the shared last slot.
+class ThreadSlot {
+ public:
+  static constexpr int kShared = 63;
+  ThreadSlot() {
+    std::lock_guard<std::mutex> lock(Mu());
+    for (int i = 0; i < kShared; ++i) {
+      if (!Used()[i]) {
+        Used()[i] = true;
+        index_ = i;
+        return;
+      }
+    }
+  }
+  ~ThreadSlot() {
+    if (index_ == kShared) return;
+    std::lock_guard<std::mutex> lock(Mu());
+    Used()[index_] = false;
+  }
+  int index() const { return index_; }
+
+ private:
+  static std::mutex& Mu() {
+    static auto* mu = new std::mutex;
+    return *mu;
+  }
+  static bool* Used() {
+    static auto* used = new bool[kShared]();
+    return used;
+  }
+  int index_ = kShared;
+};
+
+int ThreadSlotIndex() {
+  thread_local ThreadSlot slot;
+  return slot.index();
 }
 
 int LatencyBucket(uint64_t ns) {
@@ -131,7 +179,9 @@ RegistrationCache::~RegistrationCache() {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Region*> all;
     tree_.VisitOverlapping(0, ~uintptr_t{0}, [&](Tree::Handle h) { all.push_back(Tree::Value(h)); });
-    for (Region* r : all) Kill(r, /*invalidated=*/false);
+    for (Region* r : all) {
+      if (Kill(r, /*invalidated=*/false)) Retire(r);
+    }
   }
   {
     std::lock_guard<std::mutex> lock(reclaim_mu_);
@@ -142,8 +192,16 @@ RegistrationCache::~RegistrationCache() {
   Flush();
 }
 
+static_assert(ThreadSlot::kShared == 63, "one hit counter per thread slot");
+
 void RegistrationCache::CountHit() const {
-  hits_[ThreadShard() % kCounterShards].value.fetch_add(1, std::memory_order_relaxed);
+  const int slot = ThreadSlotIndex();
+  std::atomic<uint64_t>& c = hits_[slot].value;
+  if (slot == ThreadSlot::kShared) {
+    c.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
 }
 
 RegistrationCache::Region* RegistrationCache::TryAcquireFast(uintptr_t a, uintptr_t b,
@@ -198,8 +256,11 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
                                                          uint32_t access, MissHint hint) {
   std::unique_lock<std::mutex> lock(mu_);
   // A covering region with the rights: a hit the lookup table did not know of.
-  Tree::Handle h = tree_.FindCovering(a, b, [access](Region* r, uintptr_t, uintptr_t) {
-    return AccessCovers(r->access.load(std::memory_order_relaxed), access);
+  bool covered_without_rights = false;
+  Tree::Handle h = tree_.FindCovering(a, b, [&](Region* r, uintptr_t, uintptr_t) {
+    if (AccessCovers(r->access.load(std::memory_order_relaxed), access)) return true;
+    covered_without_rights = true;
+    return false;
   });
   if (h != nullptr) {
     Region* r = Tree::Value(h);
@@ -216,7 +277,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   }
 
   // A miss: say why.
-  if (tree_.FindCovering(a, b, [](Region*, uintptr_t, uintptr_t) { return true; }) != nullptr) {
+  if (covered_without_rights) {
     ++slow_stats_.misses_rights;
   } else if (hint == MissHint::kInvalidated) {
     ++slow_stats_.misses_invalidated;
@@ -227,7 +288,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   uintptr_t start = a & ~align_mask_;
   uintptr_t end = (b + align_mask_) & ~align_mask_;
   if (options_.merge) {
-    std::vector<Region*> absorb;
+    absl::InlinedVector<Region*, 8> absorb;
     tree_.VisitOverlapping(start, end, [&](Tree::Handle n) {
       Region* r = Tree::Value(n);
       if (AccessCovers(access, r->access.load(std::memory_order_relaxed))) absorb.push_back(r);
@@ -235,7 +296,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
     for (Region* r : absorb) {
       start = std::min(start, r->start.load(std::memory_order_relaxed));
       end = std::max(end, r->end.load(std::memory_order_relaxed));
-      Kill(r, /*invalidated=*/false);
+      if (Kill(r, /*invalidated=*/false)) Retire(r);
       ++slow_stats_.merges;
     }
   }
@@ -247,7 +308,6 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   }
 
   uint64_t t0 = NowTicks();
-  auto t0_ns = std::chrono::steady_clock::now();
   absl::StatusOr<Registration> reg = registrar_->Register(start, len, access);
   if (!reg.ok() && reg.status().code() == absl::StatusCode::kResourceExhausted) {
     // The registrar ran out (memlock limit, NIC resources): free idle registrations for real,
@@ -262,10 +322,8 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
     reg = registrar_->Register(start, len, access);
   }
   uint64_t cost = NowTicks() - t0;
-  uint64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                    std::chrono::steady_clock::now() - t0_ns)
-                    .count();
-  ++slow_stats_.registration_latency[LatencyBucket(ns)];
+  ++slow_stats_.registration_latency[LatencyBucket(
+      static_cast<uint64_t>(static_cast<double>(cost) * ns_per_tick_))];
   if (!reg.ok()) {
     ++slow_stats_.registration_failures;
     return absl::Status(reg.status().code(),
@@ -379,14 +437,14 @@ bool RegistrationCache::EvictOne() {
   return false;
 }
 
-void RegistrationCache::Kill(Region* r, bool invalidated) {
+bool RegistrationCache::Kill(Region* r, bool invalidated) {
   uint64_t old = r->state.fetch_or(kDeadBit | (invalidated ? kInvalidatedBit : 0),
                                    std::memory_order_acq_rel);
   tree_.Erase(r->node);
   r->node = nullptr;
   --live_regions_;
   live_bytes_ -= r->reg.length;
-  if ((old & kRefMask) == 0) Retire(r);
+  return (old & kRefMask) == 0;
 }
 
 absl::StatusOr<size_t> RegistrationCache::Invalidate(uintptr_t addr, size_t len) {
@@ -395,9 +453,15 @@ absl::StatusOr<size_t> RegistrationCache::Invalidate(uintptr_t addr, size_t len)
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<Region*> hit;
   tree_.VisitOverlapping(addr, addr + len, [&](Tree::Handle h) { hit.push_back(Tree::Value(h)); });
-  for (Region* r : hit) Kill(r, /*invalidated=*/true);
+  size_t idle = 0;
+  for (Region* r : hit) {
+    if (Kill(r, /*invalidated=*/true)) hit[idle++] = r;  // in-use ones retire on last release
+  }
   slow_stats_.invalidations += hit.size();
-  return hit.size();
+  const size_t n = hit.size();
+  hit.resize(idle);
+  RetireAll(hit);
+  return n;
 }
 
 void RegistrationCache::FillSlot(uintptr_t page, Region* r) {
@@ -445,11 +509,23 @@ RegistrationCache::Region* RegistrationCache::AllocRegion() {
 }
 
 void RegistrationCache::Retire(Region* r) {
+  Region* one[1] = {r};
+  RetireAll(one);
+}
+
+template <typename Range>
+void RegistrationCache::RetireAll(const Range& regions) {
+  bool wake;
   {
     std::lock_guard<std::mutex> lock(reclaim_mu_);
-    reclaim_.push_back(r);
+    reclaim_.insert(reclaim_.end(), std::begin(regions), std::end(regions));
+    // A futex wake costs a system call: only when the reclaimer sleeps for good, or lingers and
+    // a full batch is ready, or a Flush waits.
+    wake = reclaimer_state_ == ReclaimerState::kSleeping ||
+           (reclaimer_state_ == ReclaimerState::kLingering && reclaim_.size() >= kReclaimBatch) ||
+           flush_waiters_ > 0;
   }
-  reclaim_cv_.notify_all();
+  if (wake) reclaim_cv_.notify_all();
 }
 
 void RegistrationCache::DeregisterBatch(std::vector<Region*>& batch) {
@@ -470,11 +546,33 @@ void RegistrationCache::DeregisterBatch(std::vector<Region*>& batch) {
 }
 
 void RegistrationCache::ReclaimerLoop() {
+  // Batching: a producer pays a futex wake only when the reclaimer sleeps for good. After work the
+  // reclaimer lingers (a timed wait of kLinger) so that a stream of retirements costs one wake-up,
+  // and it lets a short queue fill up to kBatch for up to kGather before draining it. A retired
+  // region is deregistered within about kLinger + kGather, or at once by Flush.
+  constexpr auto kLinger = std::chrono::milliseconds(1);
+  constexpr auto kGather = std::chrono::microseconds(200);
   std::vector<Region*> batch;
   std::unique_lock<std::mutex> lock(reclaim_mu_);
+  auto has_work = [this] { return stop_ || !reclaim_.empty(); };
   while (true) {
-    reclaim_cv_.wait(lock, [this] { return stop_ || !reclaim_.empty(); });
-    if (reclaim_.empty() && stop_) return;
+    if (reclaim_.empty()) {
+      if (stop_) return;
+      reclaimer_state_ = ReclaimerState::kLingering;
+      if (!reclaim_cv_.wait_for(lock, kLinger, has_work)) {
+        reclaimer_state_ = ReclaimerState::kSleeping;
+        reclaim_cv_.wait(lock, has_work);
+      }
+      reclaimer_state_ = ReclaimerState::kAwake;
+      continue;
+    }
+    if (reclaim_.size() < kReclaimBatch && !stop_ && flush_waiters_ == 0) {
+      reclaimer_state_ = ReclaimerState::kLingering;
+      reclaim_cv_.wait_for(lock, kGather, [this] {
+        return stop_ || reclaim_.size() >= kReclaimBatch || flush_waiters_ > 0;
+      });
+      reclaimer_state_ = ReclaimerState::kAwake;
+    }
     batch.swap(reclaim_);
     ++reclaim_busy_;
     lock.unlock();
@@ -482,7 +580,7 @@ void RegistrationCache::ReclaimerLoop() {
     batch.clear();
     lock.lock();
     --reclaim_busy_;
-    reclaim_cv_.notify_all();
+    if (flush_waiters_ > 0) reclaim_cv_.notify_all();
   }
 }
 
@@ -502,7 +600,9 @@ void RegistrationCache::Flush() {
       continue;
     }
     if (reclaim_busy_ == 0) return;
+    ++flush_waiters_;
     reclaim_cv_.wait(lock);
+    --flush_waiters_;
   }
 }
 

@@ -5,7 +5,7 @@
 // and idle (lazy deregistration); a later Acquire of a covered range is a hit and costs no
 // registration. Idle regions leave when a limit needs room (eviction) or when the memory behind
 // them changes (Invalidate). Deregistration happens off the caller's thread, on a reclaimer thread,
-// in batches; Flush() drains it.
+// in batches (within about 1.2 ms of the region's death; see ReclaimerLoop); Flush() drains it.
 //
 // Thread-safety: every method may be called from any thread, concurrently. A RegionRef may be
 // dropped on any thread.
@@ -222,7 +222,10 @@ class RegistrationCache {
   struct alignas(64) Counter {
     std::atomic<uint64_t> value{0};
   };
-  static constexpr int kCounterShards = 16;
+  // Hit counters: one per thread slot; a thread owns its slot while it lives and counts with a
+  // plain load and store (no locked instruction on the hit path). The last slot is shared by the
+  // threads that found none free, with an atomic add.
+  static constexpr int kCounterShards = 64;
 
   enum class MissHint { kNone, kInvalidated };
 
@@ -235,7 +238,9 @@ class RegistrationCache {
 
   // All below: REQUIRES mu_ held.
   void FillSlot(uintptr_t page, Region* r);
-  void Kill(Region* r, bool invalidated);
+  // Marks r dead and removes it from the index. Returns true when it had no reference, so the
+  // caller must Retire it (else its last RegionRef will).
+  [[nodiscard]] bool Kill(Region* r, bool invalidated);
   bool EvictOne();
   absl::Status MakeRoom(size_t bytes);
   uint64_t Priority(const Region* r, uint64_t last_use) const;
@@ -244,6 +249,9 @@ class RegistrationCache {
   void MaybeGrowTable();
   Region* AllocRegion();
 
+  // Queues dead, unreferenced regions for deregistration; wakes the reclaimer if it sleeps.
+  template <typename Range>
+  void RetireAll(const Range& regions);
   void ReclaimerLoop();
   void DeregisterBatch(std::vector<Region*>& batch);
   void CountHit() const;
@@ -252,6 +260,7 @@ class RegistrationCache {
   const Options options_;
   const int page_shift_;
   const uintptr_t align_mask_;
+  const double ns_per_tick_ = internal::NsPerTick();
 
   std::atomic<Table*> table_;
 
@@ -277,6 +286,10 @@ class RegistrationCache {
   std::condition_variable reclaim_cv_;
   std::vector<Region*> reclaim_;  // dead, unreferenced, awaiting deregistration; reclaim_mu_
   int reclaim_busy_ = 0;          // batches being deregistered; guarded by reclaim_mu_
+  enum class ReclaimerState { kAwake, kLingering, kSleeping };
+  static constexpr size_t kReclaimBatch = 64;
+  ReclaimerState reclaimer_state_ = ReclaimerState::kAwake;  // guarded by reclaim_mu_
+  int flush_waiters_ = 0;            // guarded by reclaim_mu_
   bool stop_ = false;             // guarded by reclaim_mu_
   std::thread reclaimer_;
 };

@@ -30,6 +30,9 @@ inline uint64_t NowTicks() {
 #endif
 }
 
+// Nanoseconds per NowTicks() tick, measured once per process (a 100 us calibration).
+double NsPerTick();
+
 // state: bits 63..32 incarnation, bit 31 dead, bit 30 invalidated, bits 29..0 references.
 inline constexpr uint64_t kRefMask = (uint64_t{1} << 30) - 1;
 inline constexpr uint64_t kInvalidatedBit = uint64_t{1} << 30;
