@@ -22,8 +22,10 @@
 //   kCancelled         this side closed the endpoint.
 //
 // What the providers enforce (libfabric 1.17, checked by datapath/security_test.cc):
-//   tcp (ofi_rxm): the target checks key, bounds and rights on each access and refuses with an
-//       error. A refused write is only reported when the write asks for delivery completion, so
+//   tcp (ofi_rxm): the target checks key, bounds and write rights on each access and refuses with
+//       an error. Read rights are NOT enforced: rxm adds FI_REMOTE_READ to every registration for
+//       its rendezvous protocol, so any key reads its region. Expose therefore refuses write-only
+//       exposure on tcp (kFailedPrecondition) unless FabricOptions::allow_readable_write_only. A refused write is only reported when the write asks for delivery completion, so
 //       every Write here uses FI_DELIVERY_COMPLETE: a completed Write is in the target's memory.
 //   shm: the target checks key, bounds and rights and moves nothing, but never tells the
 //       initiator, whose operation would wait forever. The operation deadline (FabricOptions::
@@ -69,7 +71,8 @@ class Endpoint {
 
   // Exposes [addr, addr + length) of `reg` to this connection's peer with `rights` (remote bits).
   // Returns kInvalidArgument when the range is empty or outside `reg`, kPermissionDenied when `reg`
-  // lacks a requested right, kUnavailable when the connection is lost.
+  // lacks a requested right, kFailedPrecondition for write-only rights on a provider that cannot
+  // keep them write-only (tcp; see the file comment), kUnavailable when the connection is lost.
   absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
                                       uint32_t rights, uint64_t generation = 0) const;
 

@@ -51,6 +51,10 @@ struct FabricOptions {
   absl::Duration op_timeout = absl::Seconds(30);
   // The longest the progress thread sleeps between polls when nothing is in flight.
   absl::Duration idle_poll = absl::Milliseconds(1);
+  // tcp;ofi_rxm adds FI_REMOTE_READ to every registration (its rendezvous protocol reads large
+  // messages remotely), so a key handed out for writing also lets the peer read. Endpoint::Expose
+  // refuses write-only exposure on such a provider unless this is set (see endpoint.h).
+  bool allow_readable_write_only = false;
   bool apply_env = true;
 };
 

@@ -73,6 +73,7 @@ class FabricCore {
   bool is_tcp_ = false;
   bool virt_addr_ = false;     // FI_MR_VIRT_ADDR: remote addresses are virtual addresses
   bool prov_key_ = false;      // FI_MR_PROV_KEY: the provider picks keys
+  bool remote_read_always_ = false;  // the provider makes every registration remotely readable
   size_t iov_limit_ = 1;
   size_t max_in_flight_ = 1;
 

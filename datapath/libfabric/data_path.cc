@@ -246,9 +246,10 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
     cq_mu_.Unlock();
   }
+  // Fail first, so that whoever sees the failed operation finds the connection failed too.
+  if (!fail_why.ok()) Fail(std::move(fail_why));
   for (size_t i = 0; i < ndone; ++i) Finish(done[i], absl::OkStatus());
   if (failed != nullptr) Finish(failed, std::move(failed_status));
-  if (!fail_why.ok()) Fail(std::move(fail_why));
   return ndone + (failed != nullptr ? 1 : 0);
 }
 

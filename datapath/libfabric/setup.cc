@@ -196,6 +196,9 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0 ||
                provider_name_.find("ofi_rxm") != std::string::npos;
   prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
+  // Quirk (libfabric 1.17, ofi_rxm): rxm_mr_get_msg_access adds FI_REMOTE_READ to every
+  // registration it passes to the core provider (rendezvous reads), whatever the caller asked.
+  remote_read_always_ = provider_name_.find("ofi_rxm") != std::string::npos;
   iov_limit_ = std::min<size_t>(info_->tx_attr->iov_limit, Completion::kMaxSge);
   max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
   if ((rc = fi_fabric(info_->fabric_attr, &fabric_, nullptr)) != 0) return FiError("fi_fabric", -rc);
@@ -388,6 +391,11 @@ absl::StatusOr<RemoteRegion> EndpointCore::Expose(const Registration& reg, const
   }
   if (!AccessCovers(reg.access, rights) || reg.remote_key == 0) {
     return absl::PermissionDeniedError("registration lacks the remote rights asked for");
+  }
+  if (rights == kAccessRemoteWrite && fabric_->remote_read_always_ &&
+      !fabric_->options_.allow_readable_write_only) {
+    return absl::FailedPreconditionError(
+        "this provider lets every registered key read its region: write-only exposure refused");
   }
   if (!connected()) return health();
   RemoteRegion r;

@@ -1,0 +1,151 @@
+// security_test.cc: what a peer that forges descriptors reaches, on tcp and on shm.
+//
+// Each case builds a descriptor by hand, so the initiator's own checks (endpoint_test) do not stop
+// it, and checks that the target's provider refuses it: the operation fails, and no byte moves in
+// either direction. tcp reports the refusal (kPermissionDenied); shm drops it silently and the
+// operation deadline fails the connection (kUnavailable). On tcp, read rights are not enforced by
+// the provider; write-only exposure is refused instead. See endpoint.h.
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "datapath/endpoint.h"
+#include "datapath/fabric.h"
+#include "datapath/internal/test_util.h"
+#include "regcache/pin_registrar.h"
+
+namespace sanreg {
+namespace {
+
+using testing::Buffer;
+using testing::ConnectedPair;
+
+constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
+constexpr size_t kSize = 8192;
+
+enum class Forgery { kWrongKey, kPastTheEnd, kWriteReadOnly, kReadWriteOnly, kAfterDeregister };
+
+std::string Name(Forgery f) {
+  switch (f) {
+    case Forgery::kWrongKey: return "WrongKey";
+    case Forgery::kPastTheEnd: return "PastTheEnd";
+    case Forgery::kWriteReadOnly: return "WriteReadOnly";
+    case Forgery::kReadWriteOnly: return "ReadWriteOnly";
+    case Forgery::kAfterDeregister: return "AfterDeregister";
+  }
+  return "?";
+}
+
+class SecurityTest : public ::testing::TestWithParam<std::tuple<const char*, Forgery>> {};
+
+TEST_P(SecurityTest, ForgedAccessIsRefusedAndMovesNothing) {
+  const std::string provider = std::get<0>(GetParam());
+  const Forgery forgery = std::get<1>(GetParam());
+  FabricOptions o;
+  o.provider = provider;
+  o.op_timeout = absl::Seconds(1);  // bounds shm's silent refusals
+  o.apply_env = false;
+  absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(o);
+  ASSERT_TRUE(p.ok()) << p.status();
+  PinRegistrar pin;
+  auto ireg = p->initiator_fabric->NewRegistrar(&pin);
+  auto treg = p->target_fabric->NewRegistrar(&pin);
+
+  uint32_t target_access = kLocal | kAccessRemoteRead | kAccessRemoteWrite;
+  if (forgery == Forgery::kWriteReadOnly) target_access = kLocal | kAccessRemoteRead;
+  if (forgery == Forgery::kReadWriteOnly) target_access = kLocal | kAccessRemoteWrite;
+  auto tgt = Buffer::Make(treg.get(), kSize, target_access);
+  ASSERT_TRUE(tgt.ok()) << tgt.status();
+  auto local = Buffer::Make(ireg.get(), kSize, kLocal);
+  ASSERT_TRUE(local.ok()) << local.status();
+  (*tgt)->Fill(1);
+  (*local)->Fill(2);
+
+  const uint32_t granted = target_access & (kAccessRemoteRead | kAccessRemoteWrite);
+  absl::StatusOr<RemoteRegion> exposed =
+      p->target->Expose((*tgt)->reg(), (*tgt)->data(), kSize, granted);
+  if (provider == "tcp" && forgery == Forgery::kReadWriteOnly) {
+    // rxm makes every registration remotely readable, so write-only exposure is refused.
+    EXPECT_EQ(exposed.status().code(), absl::StatusCode::kFailedPrecondition) << exposed.status();
+    return;
+  }
+  ASSERT_TRUE(exposed.ok()) << exposed.status();
+  RemoteRegion forged = *exposed;
+  forged.rights = kAccessRemoteRead | kAccessRemoteWrite;
+  bool write = true;
+  uint64_t offset = 0;
+  size_t length = 64;
+  switch (forgery) {
+    case Forgery::kWrongKey:
+      forged.key ^= 0x5a5a;
+      break;
+    case Forgery::kPastTheEnd:
+      forged.length = 4 * kSize;
+      offset = kSize - 32;
+      break;
+    case Forgery::kWriteReadOnly:
+      break;
+    case Forgery::kReadWriteOnly:
+      write = false;
+      break;
+    case Forgery::kAfterDeregister: {
+      // The descriptor worked while registered.
+      Completion ok;
+      Sge s = (*local)->sge(0, length);
+      ASSERT_TRUE(p->initiator->Write({&s, 1}, forged, kSize / 2, &ok).ok());
+      ok.Wait();
+      ASSERT_TRUE(ok.status().ok()) << ok.status();
+      (*tgt)->Fill(1);
+      (*tgt)->Deregister();
+      break;
+    }
+  }
+  Completion c;
+  Sge s = (*local)->sge(0, length);
+  absl::Status posted = write ? p->initiator->Write({&s, 1}, forged, offset, &c)
+                              : p->initiator->Read({&s, 1}, forged, offset, &c);
+  ASSERT_TRUE(posted.ok()) << posted;
+  c.Wait();
+  ASSERT_FALSE(c.status().ok()) << "the forged access succeeded";
+  if (provider == "tcp") {
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kPermissionDenied) << c.status();
+  } else {
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kUnavailable) << c.status();
+  }
+  EXPECT_EQ(c.bytes(), 0u);
+  for (size_t i = 0; i < kSize; ++i) {
+    ASSERT_EQ((*tgt)->data()[i], Buffer::Pattern(1, i)) << "target byte " << i << " changed";
+    ASSERT_EQ((*local)->data()[i], Buffer::Pattern(2, i)) << "local byte " << i << " changed";
+  }
+  // The connection is failed afterwards, as an RC queue pair would be.
+  Completion after;
+  EXPECT_FALSE(p->initiator->Write({&s, 1}, *exposed, 0, &after).ok());
+
+  if (forgery == Forgery::kAfterDeregister) {
+    ASSERT_TRUE(p->Connect().ok());
+    forged.connection = p->initiator->connection_id();
+    Completion r;
+    ASSERT_TRUE(p->initiator->Read({&s, 1}, forged, 0, &r).ok());
+    r.Wait();
+    EXPECT_FALSE(r.status().ok());
+    for (size_t i = 0; i < kSize; ++i) {
+      ASSERT_EQ((*local)->data()[i], Buffer::Pattern(2, i)) << "local byte " << i << " changed";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Providers, SecurityTest,
+    ::testing::Combine(::testing::Values("tcp", "shm"),
+                       ::testing::Values(Forgery::kWrongKey, Forgery::kPastTheEnd,
+                                         Forgery::kWriteReadOnly, Forgery::kReadWriteOnly,
+                                         Forgery::kAfterDeregister)),
+    [](const auto& info) {
+      return std::string(std::get<0>(info.param)) + "_" + Name(std::get<1>(info.param));
+    });
+
+}  // namespace
+}  // namespace sanreg
