@@ -1,6 +1,7 @@
 #include "regcache/pin_registrar.h"
 
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,6 +12,15 @@
 
 namespace sanreg {
 namespace {
+
+// mlock and munlock through the system call: AddressSanitizer's and ThreadSanitizer's interceptors
+// turn the libc functions into no-ops that return 0, which would make pinning a silent lie.
+int SysMlock(uintptr_t addr, size_t len) {
+  return static_cast<int>(syscall(SYS_mlock, addr, len));
+}
+int SysMunlock(uintptr_t addr, size_t len) {
+  return static_cast<int>(syscall(SYS_munlock, addr, len));
+}
 
 // True when every page of [s, e) is mapped: mincore fails with ENOMEM on an unmapped page.
 bool RangeMapped(uintptr_t s, uintptr_t e, size_t page) {
@@ -32,7 +42,7 @@ PinRegistrar::~PinRegistrar() {
   for (auto it = counts_.begin(); it != counts_.end(); ++it) {
     auto next = std::next(it);
     if (it->second != 0 && next != counts_.end()) {
-      munlock(reinterpret_cast<void*>(it->first), next->first - it->first);
+      SysMunlock(it->first, next->first - it->first);
     }
   }
 }
@@ -96,12 +106,12 @@ absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t lengt
   auto to_lock = RangesWithCount(s, e, 0);
   for (size_t i = 0; i < to_lock.size(); ++i) {
     auto [ls, le] = to_lock[i];
-    if (mlock(reinterpret_cast<void*>(ls), le - ls) != 0) {
+    if (SysMlock(ls, le - ls) != 0) {
       int err = errno;
       // mlock stops at the first hole having locked the pages before it: undo those too.
-      munlock(reinterpret_cast<void*>(ls), le - ls);
+      SysMunlock(ls, le - ls);
       for (size_t j = 0; j < i; ++j) {
-        munlock(reinterpret_cast<void*>(to_lock[j].first), to_lock[j].second - to_lock[j].first);
+        SysMunlock(to_lock[j].first, to_lock[j].second - to_lock[j].first);
       }
       Coalesce(s, e);
       if (!RangeMapped(s, e, page_size_)) {
@@ -143,7 +153,7 @@ absl::Status PinRegistrar::Deregister(const Registration& reg) {
   for (auto [us, ue] : to_unlock) {
     // munlock fails only if the range is no longer mapped, in which case the kernel dropped the
     // lock with the mapping.
-    munlock(reinterpret_cast<void*>(us), ue - us);
+    SysMunlock(us, ue - us);
     locked_bytes_ -= ue - us;
   }
   return absl::OkStatus();

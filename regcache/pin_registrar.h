@@ -12,6 +12,9 @@
 //   kOutOfRange:        part of the range is not mapped.
 // Nothing stays locked after a failed Register.
 //
+// mlock and munlock are called through syscall(2): the sanitizers intercept the libc functions as
+// no-ops.
+//
 // Thread-safety: every method may be called from any thread (one internal mutex).
 
 #ifndef SANREG_REGCACHE_PIN_REGISTRAR_H_
