@@ -1,0 +1,181 @@
+// peer_death_test.cc: two processes (fork) on tcp and shm: data moves both ways between them, and a
+// target killed with SIGKILL mid-transfer completes every pending operation with an error, in
+// bounded time, with no hang.
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "datapath/endpoint.h"
+#include "datapath/fabric.h"
+#include "datapath/internal/test_util.h"
+#include "regcache/pin_registrar.h"
+
+namespace sanreg {
+namespace {
+
+using testing::Buffer;
+
+constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
+constexpr size_t kRegion = 16 << 20;
+
+bool WriteFull(int fd, const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  while (n > 0) {
+    ssize_t w = write(fd, c, n);
+    if (w <= 0) return false;
+    c += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+bool ReadFull(int fd, void* p, size_t n) {
+  char* c = static_cast<char*>(p);
+  while (n > 0) {
+    ssize_t r = read(fd, c, n);
+    if (r <= 0) return false;
+    c += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+// The child: connects to `port`, exposes a 16 MiB region filled with pattern 7, sends its
+// descriptor up `out`, then blocks until killed. Exit codes say where it failed.
+[[noreturn]] void RunTarget(const std::string& provider, int in, int out) {
+  uint16_t port = 0;
+  if (!ReadFull(in, &port, sizeof port)) _exit(2);
+  FabricOptions o;
+  o.provider = provider;
+  o.apply_env = false;
+  auto fabric = Fabric::Open(o);
+  if (!fabric.ok()) _exit(3);
+  PinRegistrar pin;
+  auto reg = (*fabric)->NewRegistrar(&pin);
+  auto ep = (*fabric)->Connect("127.0.0.1:" + std::to_string(port));
+  if (!ep.ok()) _exit(4);
+  auto buf = Buffer::Make(reg.get(), kRegion, kLocal | kAccessRemoteRead | kAccessRemoteWrite);
+  if (!buf.ok()) _exit(5);
+  (*buf)->Fill(7);
+  auto region = (*ep)->Expose((*buf)->reg(), (*buf)->data(), kRegion,
+                              kAccessRemoteRead | kAccessRemoteWrite);
+  if (!region.ok()) _exit(6);
+  std::array<uint8_t, RemoteRegion::kWireSize> wire;
+  if (!region->Serialize(wire).ok() || !WriteFull(out, wire.data(), wire.size())) _exit(7);
+  char c;
+  (void)read(in, &c, 1);  // until killed (or the parent goes away)
+  _exit(0);
+}
+
+class PeerDeathTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(PeerDeathTest, TwoProcessesMoveDataAndSigkillFailsPendingOperations) {
+  const std::string provider = GetParam();
+  int down[2], up[2];
+  ASSERT_EQ(pipe(down), 0);
+  ASSERT_EQ(pipe(up), 0);
+  // Fork before this process starts any thread (the fabric's progress thread).
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(down[1]);
+    close(up[0]);
+    RunTarget(provider, down[0], up[1]);
+  }
+  close(down[0]);
+  close(up[1]);
+
+  FabricOptions o;
+  o.provider = provider;
+  o.max_in_flight = 16;
+  o.apply_env = false;
+  auto fabric = Fabric::Open(o);
+  ASSERT_TRUE(fabric.ok()) << fabric.status();
+  PinRegistrar pin;
+  auto reg = (*fabric)->NewRegistrar(&pin);
+  auto listener = (*fabric)->Listen("127.0.0.1:0");
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  uint16_t port = (*listener)->port();
+  ASSERT_TRUE(WriteFull(down[1], &port, sizeof port));
+  auto ep = (*listener)->Accept();
+  ASSERT_TRUE(ep.ok()) << ep.status();
+  std::array<uint8_t, RemoteRegion::kWireSize> wire;
+  ASSERT_TRUE(ReadFull(up[0], wire.data(), wire.size())) << "the child failed to start";
+  auto region = RemoteRegion::Parse(wire);
+  ASSERT_TRUE(region.ok()) << region.status();
+  EXPECT_EQ(region->connection, (*ep)->connection_id());
+
+  auto local = Buffer::Make(reg.get(), kRegion, kLocal);
+  ASSERT_TRUE(local.ok()) << local.status();
+  // Read the child's pattern, then write ours and read it back, at every size.
+  size_t written = 0;  // bytes [0, written) of the region hold our earlier writes
+  for (size_t n : {size_t{1}, size_t{4096}, size_t{1} << 20, kRegion}) {
+    SCOPED_TRACE(n);
+    Completion r;
+    Sge s = (*local)->sge(0, n);
+    std::memset((*local)->data(), 0, n);
+    ASSERT_TRUE((*ep)->Read({&s, 1}, *region, kRegion - n, &r).ok());
+    r.Wait();
+    ASSERT_TRUE(r.status().ok()) << r.status();
+    for (size_t i = 0; i < n; ++i) {
+      if (kRegion - n + i < written) continue;
+      ASSERT_EQ((*local)->data()[i], Buffer::Pattern(7, kRegion - n + i)) << i;
+    }
+    written = n;
+    (*local)->Fill(static_cast<uint32_t>(n));
+    Completion w;
+    ASSERT_TRUE((*ep)->Write({&s, 1}, *region, 0, &w).ok());
+    w.Wait();
+    ASSERT_TRUE(w.status().ok()) << w.status();
+    std::memset((*local)->data(), 0, n);
+    Completion back;
+    ASSERT_TRUE((*ep)->Read({&s, 1}, *region, 0, &back).ok());
+    back.Wait();
+    ASSERT_TRUE(back.status().ok()) << back.status();
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ((*local)->data()[i], Buffer::Pattern(static_cast<uint32_t>(n), i)) << i;
+    }
+  }
+
+  // Many 1 MiB writes in flight, then the target dies.
+  std::vector<Completion> cs(256);
+  Sge s = (*local)->sge(0, 1 << 20);
+  for (size_t i = 0; i < cs.size(); ++i) {
+    ASSERT_TRUE((*ep)->Write({&s, 1}, *region, (i % 16) << 20, &cs[i]).ok());
+  }
+  ASSERT_EQ(kill(child, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFSIGNALED(status)) << "child exit code " << WEXITSTATUS(status);
+  const absl::Time start = absl::Now();
+  size_t failed = 0;
+  for (auto& c : cs) {
+    c.Wait();
+    if (!c.status().ok()) {
+      EXPECT_EQ(c.status().code(), absl::StatusCode::kUnavailable) << c.status();
+      ++failed;
+    }
+  }
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_GT(failed, 0u) << "every write finished before the kill";
+  EXPECT_FALSE((*ep)->connected());
+  EXPECT_EQ((*ep)->health().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*ep)->pending(), 0u);
+  Completion late;
+  EXPECT_EQ((*ep)->Write({&s, 1}, *region, 0, &late).code(), absl::StatusCode::kUnavailable);
+  close(down[1]);
+  close(up[0]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Providers, PeerDeathTest, ::testing::Values("tcp", "shm"),
+                         [](const auto& info) { return std::string(info.param); });
+
+}  // namespace
+}  // namespace sanreg
