@@ -12,6 +12,7 @@
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "regcache/uffd_monitor.h"
 
 namespace sanreg {
 
@@ -119,6 +120,12 @@ const std::vector<EnvOverride>& EnvOverrides() {
          o->merge = v == "1";
          return true;
        }},
+      {"SANREG_MEMORY_MONITOR", "auto, hooks, uffd or none",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         auto m = ParseMemoryMonitorMode(v);
+         if (m.ok()) o->memory_monitor = *m;
+         return m.ok();
+       }},
       {"SANREG_CACHE_EVICTION", "lru or cost",
        [](const std::string& v, RegistrationCache::Options* o) {
          if (v == "lru") {
@@ -171,10 +178,20 @@ RegistrationCache::RegistrationCache(Registrar* registrar, const Options& option
   int bits = std::clamp(static_cast<int>(std::bit_width(options.lookup_buckets - 1)), 4, kMaxTableBits);
   tables_.push_back(std::make_unique<Table>(bits));
   table_.store(tables_.back().get(), std::memory_order_release);
+  monitor_ = StartMemoryMonitor(options_.memory_monitor);
+  if (monitor_.hooks || monitor_.uffd != nullptr) {
+    subscribed_ = SubscribeMemoryEvents(&events_);
+    if (!subscribed_) {
+      monitor_.notes += "too many caches subscribed to memory events; ";
+      monitor_.hooks = false;
+      monitor_.uffd = nullptr;
+    }
+  }
   if (options_.reclaimer_thread) reclaimer_ = std::thread([this] { ReclaimerLoop(); });
 }
 
 RegistrationCache::~RegistrationCache() {
+  if (subscribed_) UnsubscribeMemoryEvents(&events_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Region*> all;
@@ -245,9 +262,13 @@ absl::StatusOr<RegionRef> RegistrationCache::Acquire(uintptr_t addr, size_t len,
     return absl::InvalidArgumentError("Acquire: range wraps around the address space");
   }
   MissHint hint = MissHint::kNone;
-  if (Region* r = TryAcquireFast(addr, end, access, &hint)) {
-    CountHit();
-    return RegionRef(this, r);
+  // While a memory event is pending, every lookup takes the slow path, which drains it first.
+  if (events_.pending() == 0) {
+    if (Region* r = TryAcquireFast(addr, end, access, &hint)) {
+      if (options_.verify_pages) return VerifiedHit(r);
+      CountHit();
+      return RegionRef(this, r);
+    }
   }
   return AcquireSlow(addr, end, access, hint);
 }
@@ -255,6 +276,7 @@ absl::StatusOr<RegionRef> RegistrationCache::Acquire(uintptr_t addr, size_t len,
 absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t b,
                                                          uint32_t access, MissHint hint) {
   std::unique_lock<std::mutex> lock(mu_);
+  DrainMemoryEventsLocked();
   // A covering region with the rights: a hit the lookup table did not know of.
   bool covered_without_rights = false;
   Tree::Handle h = tree_.FindCovering(a, b, [&](Region* r, uintptr_t, uintptr_t) {
@@ -272,6 +294,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
     r->state.fetch_add(1, std::memory_order_acq_rel);
     FillSlot(a >> page_shift_, r);
     lock.unlock();
+    if (options_.verify_pages) return VerifiedHit(r);
     CountHit();
     return RegionRef(this, r);
   }
@@ -318,7 +341,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
       if (!EvictOne()) break;
       freed += before - live_bytes_;
     }
-    Flush();
+    FlushReclaimer();
     reg = registrar_->Register(start, len, access);
   }
   uint64_t cost = NowTicks() - t0;
@@ -341,6 +364,8 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   r->last_use.store(r->created, std::memory_order_relaxed);
   uint64_t inc = Incarnation(r->state.load(std::memory_order_relaxed)) + 1;
   r->state.store((inc << kIncarnationShift) | 1, std::memory_order_release);
+  // Watched after registering: the pages are present by then, so watching costs no faults.
+  if (monitor_.uffd != nullptr) monitor_.uffd->Watch(start, len);
   r->node = tree_.Insert(start, end, r);
   ++live_regions_;
   live_bytes_ += len;
@@ -447,12 +472,39 @@ bool RegistrationCache::Kill(Region* r, bool invalidated) {
   return (old & kRefMask) == 0;
 }
 
+absl::StatusOr<RegionRef> RegistrationCache::VerifiedHit(Region* r) {
+  RegionRef ref(this, r);
+  absl::Status st = registrar_->VerifyPages(r->reg);
+  if (st.ok()) {
+    CountHit();
+    return ref;
+  }
+  stale_hits_.fetch_add(1, std::memory_order_relaxed);
+  return absl::DataLossError(absl::StrCat("verification: a hit returned a stale registration: ",
+                                          st.message()));
+}
+
+void RegistrationCache::DrainMemoryEventsLocked() {
+  if (events_.pending() == 0) return;
+  InvalidationQueue::Range ranges[InvalidationQueue::kCapacity];
+  uint32_t taken = 0;
+  int n = events_.Drain(ranges, &taken);
+  for (int i = 0; i < n; ++i) InvalidateLocked(ranges[i].start, ranges[i].end);
+  slow_stats_.memory_events += n;
+  // Only now may lookups take the fast path again (memory_events.h).
+  events_.Complete(taken);
+}
+
 absl::StatusOr<size_t> RegistrationCache::Invalidate(uintptr_t addr, size_t len) {
   if (len == 0) return absl::InvalidArgumentError("Invalidate: length is 0");
   if (addr + len < addr) return absl::InvalidArgumentError("Invalidate: range wraps around");
   std::lock_guard<std::mutex> lock(mu_);
+  return InvalidateLocked(addr, addr + len);
+}
+
+size_t RegistrationCache::InvalidateLocked(uintptr_t start, uintptr_t end) {
   std::vector<Region*> hit;
-  tree_.VisitOverlapping(addr, addr + len, [&](Tree::Handle h) { hit.push_back(Tree::Value(h)); });
+  tree_.VisitOverlapping(start, end, [&](Tree::Handle h) { hit.push_back(Tree::Value(h)); });
   size_t idle = 0;
   for (Region* r : hit) {
     if (Kill(r, /*invalidated=*/true)) hit[idle++] = r;  // in-use ones retire on last release
@@ -556,6 +608,14 @@ void RegistrationCache::ReclaimerLoop() {
   std::unique_lock<std::mutex> lock(reclaim_mu_);
   auto has_work = [this] { return stop_ || !reclaim_.empty(); };
   while (true) {
+    if (events_.pending() != 0) {
+      lock.unlock();
+      if (mu_.try_lock()) {
+        DrainMemoryEventsLocked();
+        mu_.unlock();
+      }
+      lock.lock();
+    }
     if (reclaim_.empty()) {
       if (stop_) return;
       reclaimer_state_ = ReclaimerState::kLingering;
@@ -585,6 +645,14 @@ void RegistrationCache::ReclaimerLoop() {
 }
 
 void RegistrationCache::Flush() {
+  if (events_.pending() != 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    DrainMemoryEventsLocked();
+  }
+  FlushReclaimer();
+}
+
+void RegistrationCache::FlushReclaimer() {
   std::vector<Region*> batch;
   std::unique_lock<std::mutex> lock(reclaim_mu_);
   while (true) {
@@ -612,11 +680,16 @@ CacheStats RegistrationCache::Stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     out = slow_stats_;
     out.regions = live_regions_;
+    out.monitor_hooks = monitor_.hooks;
+    out.monitor_uffd = monitor_.uffd != nullptr;
+    out.monitor_notes = monitor_.notes;
   }
   for (const Counter& c : hits_) out.hits += c.value.load(std::memory_order_relaxed);
   out.deregistrations = deregistrations_.load(std::memory_order_relaxed);
   out.deregistration_failures = deregistration_failures_.load(std::memory_order_relaxed);
   out.pinned_bytes = pinned_bytes_.load(std::memory_order_relaxed);
+  out.memory_event_overflows = events_.overflows();
+  out.stale_hits = stale_hits_.load(std::memory_order_relaxed);
   out.pinned_bytes_high_water = std::max(out.pinned_bytes_high_water, out.pinned_bytes);
   return out;
 }

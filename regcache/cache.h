@@ -57,6 +57,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -64,6 +65,8 @@
 #include "absl/status/statusor.h"
 #include "regcache/internal/region.h"
 #include "regcache/interval_tree.h"
+#include "regcache/memory_events.h"
+#include "regcache/memory_monitor.h"
 #include "regcache/registrar.h"
 
 namespace sanreg {
@@ -90,6 +93,12 @@ struct CacheStats {
   uint64_t evictions = 0;
   uint64_t invalidations = 0;  // regions dropped by Invalidate
   uint64_t merges = 0;         // regions absorbed into a merged one
+  uint64_t memory_events = 0;  // ranges from memory events drained (each may drop regions)
+  uint64_t memory_event_overflows = 0;  // events that widened a range of a full queue
+  uint64_t stale_hits = 0;     // verification mode: hits whose pages had changed (a bug)
+  bool monitor_hooks = false;  // memory-event sources in use
+  bool monitor_uffd = false;
+  std::string monitor_notes;   // why a requested source is not in use
   uint64_t regions = 0;        // regions in the index now
   uint64_t pinned_bytes = 0;   // registered bytes now (including regions awaiting the reclaimer)
   uint64_t pinned_bytes_high_water = 0;
@@ -154,6 +163,10 @@ class RegistrationCache {
     uint32_t cost_weight = 16;       // kCostAware: ticks of life per tick of registration cost
     size_t lookup_buckets = 1024;    // initial lookup-table buckets; grows with the regions
     bool reclaimer_thread = true;    // false: deregister only in Flush (tests)
+    // Where memory events come from (memory_monitor.h).
+    MemoryMonitorMode memory_monitor = MemoryMonitorMode::kAuto;
+    // Verification mode: every hit asks the registrar to check the region's pages (slow; tests).
+    bool verify_pages = false;
 
     // Applies the SANREG_CACHE_* environment overrides (see cache.cc for the table).
     // Returns kInvalidArgument naming the variable when one does not parse.
@@ -231,12 +244,16 @@ class RegistrationCache {
 
   RegistrationCache(Registrar* registrar, const Options& options);
 
+  absl::StatusOr<RegionRef> VerifiedHit(Region* r);
   Region* TryAcquireFast(uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint) const;
   absl::StatusOr<RegionRef> AcquireSlow(uintptr_t a, uintptr_t b, uint32_t access, MissHint hint);
   // Called by RegionRef when it dropped the last reference of a dead region.
   void Retire(Region* r);
 
   // All below: REQUIRES mu_ held.
+  // Invalidates the ranges memory events queued. Returns the regions dropped.
+  void DrainMemoryEventsLocked();
+  size_t InvalidateLocked(uintptr_t start, uintptr_t end);
   void FillSlot(uintptr_t page, Region* r);
   // Marks r dead and removes it from the index. Returns true when it had no reference, so the
   // caller must Retire it (else its last RegionRef will).
@@ -253,6 +270,8 @@ class RegistrationCache {
   template <typename Range>
   void RetireAll(const Range& regions);
   void ReclaimerLoop();
+  // Flush without draining memory events: callable with mu_ held.
+  void FlushReclaimer();
   void DeregisterBatch(std::vector<Region*>& batch);
   void CountHit() const;
 
@@ -263,6 +282,9 @@ class RegistrationCache {
   const double ns_per_tick_ = internal::NsPerTick();
 
   std::atomic<Table*> table_;
+  InvalidationQueue events_;   // memory events for this cache (memory_events.h)
+  MemoryMonitorStatus monitor_;
+  bool subscribed_ = false;
 
   mutable std::mutex mu_;
   Tree tree_;                           // guarded by mu_
@@ -277,6 +299,7 @@ class RegistrationCache {
   std::atomic<uint64_t> pinned_bytes_{0};
   std::atomic<uint64_t> deregistrations_{0};
   std::atomic<uint64_t> deregistration_failures_{0};
+  std::atomic<uint64_t> stale_hits_{0};
 
   std::mutex pool_mu_;
   std::vector<std::unique_ptr<Region[]>> pool_;  // guarded by pool_mu_

@@ -1,5 +1,6 @@
 #include "regcache/pin_registrar.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -35,7 +36,62 @@ bool RangeMapped(uintptr_t s, uintptr_t e, size_t page) {
 
 }  // namespace
 
-PinRegistrar::PinRegistrar() : page_size_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {}
+PinRegistrar::PinRegistrar(const Options& options)
+    : options_(options), page_size_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {}
+
+absl::StatusOr<std::vector<uint64_t>> PinRegistrar::PageFrames(uintptr_t addr, size_t len) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t s = addr & ~(page - 1);
+  const size_t n = (addr + len - s + page - 1) / page;
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::UnavailableError("pagemap: cannot open /proc/self/pagemap");
+  std::vector<uint64_t> out(n);
+  ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
+  ssize_t got = pread(fd, out.data(), want, static_cast<off_t>((s / page) * sizeof(uint64_t)));
+  close(fd);
+  if (got != want) return absl::UnavailableError("pagemap: short read");
+  bool any_frame = false, any_present = false;
+  for (uint64_t& e : out) {
+    const bool present = (e >> 63) & 1;
+    e = present ? (e & ((uint64_t{1} << 55) - 1)) : 0;
+    any_present |= present;
+    any_frame |= e != 0;
+  }
+  if (any_present && !any_frame) {
+    return absl::PermissionDeniedError("pagemap: frame numbers hidden (needs CAP_SYS_ADMIN)");
+  }
+  return out;
+}
+
+bool PinRegistrar::PageFramesReadable() {
+  static const bool readable = [] {
+    volatile uint64_t probe = 1;  // a present stack page
+    auto f = PageFrames(reinterpret_cast<uintptr_t>(&probe), sizeof(probe));
+    return f.ok() && (*f)[0] != 0;
+  }();
+  return readable;
+}
+
+absl::Status PinRegistrar::VerifyPages(const Registration& reg) {
+  if (!options_.record_pages) return absl::OkStatus();
+  std::vector<uint64_t> recorded;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = frames_.find(reg.handle);
+    if (it == frames_.end()) return absl::NotFoundError("verification: no frames recorded");
+    recorded = it->second;
+  }
+  auto now = PageFrames(reg.addr, reg.length);
+  if (!now.ok()) return now.status();
+  for (size_t i = 0; i < recorded.size(); ++i) {
+    if ((*now)[i] != recorded[i]) {
+      return absl::DataLossError(absl::StrCat("page 0x", absl::Hex(reg.addr + i * page_size_),
+                                              " was frame ", recorded[i], ", is now frame ",
+                                              (*now)[i]));
+    }
+  }
+  return absl::OkStatus();
+}
 
 PinRegistrar::~PinRegistrar() {
   std::lock_guard<std::mutex> lock(mu_);
@@ -126,7 +182,10 @@ absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t lengt
       return absl::InternalError(absl::StrCat("pin registrar: mlock: ", std::strerror(err)));
     }
   }
-  for (auto [ls, le] : to_lock) locked_bytes_ += le - ls;
+  for (auto [ls, le] : to_lock) {
+    locked_bytes_ += le - ls;
+    if (options_.dont_fork) syscall(SYS_madvise, ls, le - ls, MADV_DONTFORK);
+  }
   AddCount(s, e, +1);
   Coalesce(s, e);
   Registration reg;
@@ -134,6 +193,10 @@ absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t lengt
   reg.length = e - s;
   reg.access = access;
   reg.handle = next_handle_++;
+  if (options_.record_pages) {
+    auto frames = PageFrames(s, e - s);
+    if (frames.ok()) frames_.emplace(reg.handle, std::move(*frames));
+  }
   return reg;
 }
 
@@ -149,11 +212,13 @@ absl::Status PinRegistrar::Deregister(const Registration& reg) {
   }
   auto to_unlock = RangesWithCount(s, e, 1);
   AddCount(s, e, -1);
+  frames_.erase(reg.handle);
   Coalesce(s, e);
   for (auto [us, ue] : to_unlock) {
     // munlock fails only if the range is no longer mapped, in which case the kernel dropped the
     // lock with the mapping.
     SysMunlock(us, ue - us);
+    if (options_.dont_fork) syscall(SYS_madvise, us, ue - us, MADV_DOFORK);
     locked_bytes_ -= ue - us;
   }
   return absl::OkStatus();

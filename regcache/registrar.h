@@ -65,6 +65,11 @@ class Registrar {
   // Releases a registration returned by Register. After it returns the keys are revoked.
   // REQUIRES: `reg` came from this registrar's Register and was not deregistered yet.
   virtual absl::Status Deregister(const Registration& reg) = 0;
+
+  // Verification mode: checks that `reg` still covers the pages it registered (by physical page
+  // identity, where the backend records it). Returns kDataLoss when they changed; the default,
+  // for backends that record nothing, is OK.
+  virtual absl::Status VerifyPages(const Registration& reg) { return absl::OkStatus(); }
 };
 
 }  // namespace sanreg

@@ -1,0 +1,180 @@
+#include "regcache/uffd_monitor.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "regcache/memory_events.h"
+
+namespace sanreg {
+namespace {
+
+constexpr uint64_t kFeatures =
+    UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP;
+
+// The process's monitor. A forked child gets a fresh one (see ResetInChild).
+std::mutex g_mu;
+UffdMonitor* g_monitor = nullptr;              // guarded by g_mu
+absl::Status* g_error = nullptr;               // guarded by g_mu
+bool g_atfork_installed = false;               // guarded by g_mu
+
+void ResetInChild() {
+  // The reader thread does not exist in the child, and the child's mappings are not registered
+  // with the parent's userfaultfd. Forget both (the objects leak in the child; the fd closes).
+  // g_mu may have been held by another parent thread at fork: reinitialise it.
+  new (&g_mu) std::mutex();
+  if (g_monitor != nullptr) g_monitor = nullptr;
+  g_error = nullptr;
+}
+
+}  // namespace
+
+absl::StatusOr<UffdMonitor*> UffdMonitor::Get() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_atfork_installed) {
+    pthread_atfork(nullptr, nullptr, ResetInChild);
+    g_atfork_installed = true;
+  }
+  if (g_monitor != nullptr) return g_monitor;
+  if (g_error != nullptr) return *g_error;
+  auto* m = new UffdMonitor();
+  absl::Status st = m->Start();
+  if (!st.ok()) {
+    g_error = new absl::Status(st);
+    // m may own a reader thread blocked on its fd: keep it alive (it is tiny).
+    return st;
+  }
+  g_monitor = m;
+  return m;
+}
+
+absl::Status UffdMonitor::Start() {
+  int flags = O_CLOEXEC | O_NONBLOCK;
+  int fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
+  if (fd < 0 && (errno == EPERM || errno == EACCES)) {
+    // Unprivileged with vm.unprivileged_userfaultfd = 0: user-mode faults only (Linux 5.11+).
+    fd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
+  }
+  if (fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("userfaultfd: ", std::strerror(errno),
+                     errno == ENOSYS ? " (kernel without userfaultfd)" : ""));
+  }
+  struct uffdio_api api = {};
+  api.api = UFFD_API;
+  api.features = kFeatures;
+  if (ioctl(fd, UFFDIO_API, &api) != 0 || (api.features & kFeatures) != kFeatures) {
+    int err = errno;
+    close(fd);
+    return absl::UnavailableError(
+        absl::StrCat("userfaultfd: UNMAP/REMOVE/REMAP events unsupported: ", std::strerror(err)));
+  }
+  fd_ = fd;
+  std::thread([this] { ReaderLoop(); }).detach();
+
+  // Self-test: watch a scratch page, unmap it, and see the event published.
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* p = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return absl::UnavailableError("userfaultfd self-test: mmap failed");
+  static_cast<char*>(p)[0] = 1;
+  if (!Watch(reinterpret_cast<uintptr_t>(p), page)) {
+    munmap(p, page);
+    return absl::UnavailableError(
+        absl::StrCat("userfaultfd self-test: UFFDIO_REGISTER failed: ", std::strerror(errno)));
+  }
+  ArmMemoryEventProbe(reinterpret_cast<uintptr_t>(p));
+  munmap(p, page);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!MemoryEventProbeSeen(MemoryEventSource::kUffd)) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ArmMemoryEventProbe(0);
+      return absl::UnavailableError("userfaultfd self-test: the UNMAP event did not arrive in 5 s");
+    }
+    std::this_thread::yield();
+  }
+  ArmMemoryEventProbe(0);
+  return absl::OkStatus();
+}
+
+bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
+  struct uffdio_register reg = {};
+  reg.range.start = addr;
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  if (ioctl(fd_, UFFDIO_REGISTER, &reg) != 0) {
+    watch_failures_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+void UffdMonitor::ReaderLoop() {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  struct uffd_msg msgs[32];
+  while (true) {
+    struct pollfd pfd = {fd_, POLLIN, 0};
+    if (poll(&pfd, 1, -1) < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    ssize_t n = read(fd_, msgs, sizeof(msgs));
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      return;
+    }
+    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(msgs[0]); ++i) {
+      const struct uffd_msg& m = msgs[i];
+      switch (m.event) {
+        case UFFD_EVENT_UNMAP:
+          events_.fetch_add(1, std::memory_order_relaxed);
+          PublishMemoryEvent(m.arg.remove.start, m.arg.remove.end - m.arg.remove.start,
+                             MemoryEventKind::kUnmap, MemoryEventSource::kUffd);
+          break;
+        case UFFD_EVENT_REMOVE: {
+          events_.fetch_add(1, std::memory_order_relaxed);
+          PublishMemoryEvent(m.arg.remove.start, m.arg.remove.end - m.arg.remove.start,
+                             MemoryEventKind::kAdviseRemove, MemoryEventSource::kUffd);
+          struct uffdio_range r = {m.arg.remove.start, m.arg.remove.end - m.arg.remove.start};
+          ioctl(fd_, UFFDIO_UNREGISTER, &r);  // no longer cached; stop serving its faults
+          break;
+        }
+        case UFFD_EVENT_REMAP:
+          events_.fetch_add(1, std::memory_order_relaxed);
+          PublishMemoryEvent(m.arg.remap.from, m.arg.remap.len, MemoryEventKind::kRemap,
+                             MemoryEventSource::kUffd);
+          break;
+        case UFFD_EVENT_PAGEFAULT: {
+          faults_.fetch_add(1, std::memory_order_relaxed);
+          uintptr_t a = m.arg.pagefault.address & ~(page - 1);
+          struct uffdio_zeropage z = {};
+          z.range.start = a;
+          z.range.len = page;
+          if (ioctl(fd_, UFFDIO_ZEROPAGE, &z) != 0 && errno != EEXIST) {
+            // Not anonymous memory: stop watching the page and let the kernel handle the fault.
+            struct uffdio_range r = {a, page};
+            ioctl(fd_, UFFDIO_UNREGISTER, &r);
+          }
+          struct uffdio_range w = {a, page};
+          ioctl(fd_, UFFDIO_WAKE, &w);
+          break;
+        }
+        default:
+          break;
+      }
+    }
+  }
+}
+
+}  // namespace sanreg

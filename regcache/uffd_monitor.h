@@ -1,0 +1,68 @@
+// uffd_monitor.h: the userfaultfd source of memory events.
+//
+// One userfaultfd per process, with the UNMAP, REMOVE and REMAP events, and a reader thread. The
+// cache asks it to Watch the range of every region it registers (UFFDIO_REGISTER, missing mode:
+// the only mode that works on anonymous memory; the pages are pinned and present, so it costs no
+// faults). The kernel then reports, whoever makes the call (the application, glibc's malloc
+// calling __munmap directly, a sanitizer's allocator): munmap (UNMAP), madvise DONTNEED/REMOVE
+// (REMOVE), mremap (REMAP). The reader publishes each range (memory_events.h).
+//
+// Timing: for these events the kernel blocks the thread making the change until the reader has
+// read the message, and lets it go on as soon as it has; the reader publishes right after. So
+// there is a window of a few microseconds after munmap returns in which a lookup on another thread
+// may still find the region (measured in the cache benchmark); the hooks source has no such window.
+//
+// Faults: a watched page that was dropped (madvise DONTNEED) and is touched again raises a
+// missing-page fault that the reader resolves with the zero page, as the kernel would have;
+// after a REMOVE the reader also unregisters the range, so later faults never reach it.
+//
+// Unavailable (Start fails, with the reason) when the kernel lacks userfaultfd, when an
+// unprivileged process cannot use it (vm.unprivileged_userfaultfd = 0 and no UFFD_USER_MODE_ONLY),
+// or when the events are not supported.
+//
+// Fork: the child does not inherit the registrations (no UFFD_FEATURE_EVENT_FORK); the child's
+// first cache starts a monitor of its own.
+//
+// Thread-safety: every method may be called from any thread.
+
+#ifndef SANREG_REGCACHE_UFFD_MONITOR_H_
+#define SANREG_REGCACHE_UFFD_MONITOR_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace sanreg {
+
+class UffdMonitor {
+ public:
+  // The process's monitor, started (and self-tested: a scratch page is unmapped and its event
+  // must arrive) on the first call. Later calls return the same monitor or the same error.
+  static absl::StatusOr<UffdMonitor*> Get();
+
+  // Watches [addr, addr + len) (page-aligned). Returns false when the kernel refuses: the range
+  // holds a mapping type userfaultfd does not support (private file mappings), or another
+  // userfaultfd already watches it; such a range is left to the other sources.
+  bool Watch(uintptr_t addr, size_t len);
+
+  uint64_t events() const { return events_.load(std::memory_order_relaxed); }
+  uint64_t faults_served() const { return faults_.load(std::memory_order_relaxed); }
+  uint64_t watch_failures() const { return watch_failures_.load(std::memory_order_relaxed); }
+
+ private:
+  UffdMonitor() = default;
+  absl::Status Start();
+  void ReaderLoop();
+
+  int fd_ = -1;
+  std::atomic<uint64_t> events_{0};
+  std::atomic<uint64_t> faults_{0};
+  std::atomic<uint64_t> watch_failures_{0};
+};
+
+}  // namespace sanreg
+
+#endif  // SANREG_REGCACHE_UFFD_MONITOR_H_
