@@ -56,6 +56,8 @@ class FabricCore {
 
   absl::Status Open(const FabricOptions& options);  // setup.cc
   void StartProgress();
+  // Finds out whether this domain, as an RMA target, takes virtual addresses or offsets.
+  absl::StatusOr<bool> ProbeVirtAddr();
 
   // Creates a provider endpoint whose local address is the one `sock` is bound to (tcp).
   absl::StatusOr<std::shared_ptr<EndpointCore>> NewEndpoint(int sock, uint64_t connection_id);

@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -189,12 +190,7 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   info_->next = nullptr;
   provider_name_ = info_->fabric_attr->prov_name;
   is_tcp_ = prov == "tcp";
-  // Quirk (libfabric 1.17, tcp;ofi_rxm): the provider reports offset addressing (no
-  // FI_MR_VIRT_ADDR), but a target in another domain checks the address it receives against the
-  // registration's virtual range without adding the base: only virtual addresses work across
-  // processes. (Within one domain rxm translates offsets on the initiator, which hides this.)
-  virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0 ||
-               provider_name_.find("ofi_rxm") != std::string::npos;
+  virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
   prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
   // Quirk (libfabric 1.17, ofi_rxm): rxm_mr_get_msg_access adds FI_REMOTE_READ to every
   // registration it passes to the core provider (rendezvous reads), whatever the caller asked.
@@ -203,9 +199,117 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
   if ((rc = fi_fabric(info_->fabric_attr, &fabric_, nullptr)) != 0) return FiError("fi_fabric", -rc);
   if ((rc = fi_domain(fabric_, info_, &domain_, nullptr)) != 0) return FiError("fi_domain", -rc);
+  if (provider_name_.find("ofi_rxm") != std::string::npos) {
+    // Quirk (libfabric 1.17, tcp;ofi_rxm): the provider reports offset addressing (no
+    // FI_MR_VIRT_ADDR), but whether a target adds the registration's base to the address it
+    // receives depends on the mode of the core tcp domain under rxm, which we saw differ between
+    // runs. Ask this domain, as a target, how it behaves.
+    absl::StatusOr<bool> virt = ProbeVirtAddr();
+    if (!virt.ok()) return virt.status();
+    virt_addr_ = *virt;
+  }
   wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) return absl::InternalError(absl::StrCat("eventfd: ", strerror(errno)));
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> FabricCore::ProbeVirtAddr() {
+  // A scratch initiator domain writes 8 bytes into a registration of this domain, first with the
+  // offset 8, then (if that did not land) with the virtual address of byte 8.
+  fid_domain* idom = nullptr;
+  fid_ep* eps[2] = {};
+  fid_cq* cqs[2] = {};
+  fid_av* avs[2] = {};
+  fid_mr* mrs[2] = {};
+  alignas(64) static thread_local uint64_t target[4];
+  alignas(64) static thread_local uint64_t source[1];
+  absl::StatusOr<bool> result = absl::UnavailableError("addressing probe failed");
+  int rc = fi_domain(fabric_, info_, &idom, nullptr);
+  fid_domain* doms[2] = {domain_, idom};
+  char names[2][kMaxName];
+  fi_addr_t peer = 0;
+  for (int i = 0; rc == 0 && i < 2; ++i) {
+    fi_cq_attr ca = {};
+    ca.format = FI_CQ_FORMAT_CONTEXT;
+    fi_av_attr aa = {};
+    aa.type = FI_AV_TABLE;
+    size_t len = kMaxName;
+    rc = fi_cq_open(doms[i], &ca, &cqs[i], nullptr);
+    if (rc == 0) rc = fi_av_open(doms[i], &aa, &avs[i], nullptr);
+    if (rc == 0) rc = fi_endpoint(doms[i], info_, &eps[i], nullptr);
+    if (rc == 0) rc = fi_ep_bind(eps[i], &cqs[i]->fid, FI_TRANSMIT | FI_RECV);
+    if (rc == 0) rc = fi_ep_bind(eps[i], &avs[i]->fid, 0);
+    if (rc == 0) rc = fi_enable(eps[i]);
+    if (rc == 0) rc = fi_getname(&eps[i]->fid, names[i], &len);
+  }
+  if (rc == 0 && fi_av_insert(avs[1], names[0], 1, &peer, 0, nullptr) != 1) rc = -FI_EINVAL;
+  fi_addr_t back = 0;
+  if (rc == 0 && fi_av_insert(avs[0], names[1], 1, &back, 0, nullptr) != 1) rc = -FI_EINVAL;
+  if (rc == 0) {
+    rc = fi_mr_reg(domain_, target, sizeof target, FI_REMOTE_WRITE, 0, RandomU64(), 0, &mrs[0],
+                   nullptr);
+  }
+  if (rc == 0) {
+    rc = fi_mr_reg(idom, source, sizeof source, FI_WRITE, 0, RandomU64(), 0, &mrs[1], nullptr);
+  }
+  for (int attempt = 0; rc == 0 && attempt < 2 && !result.ok(); ++attempt) {
+    target[1] = 0;
+    source[0] = 0x5a4e5245475052ull;
+    uint64_t addr = attempt == 0 ? 8 : reinterpret_cast<uint64_t>(&target[1]);
+    void* desc = fi_mr_desc(mrs[1]);
+    ssize_t posted = -FI_EAGAIN;
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    bool done = false;
+    while (!done && absl::Now() < deadline) {
+      if (posted == -FI_EAGAIN) {
+        posted = fi_write(eps[1], source, sizeof source, desc, peer, addr, fi_mr_key(mrs[0]),
+                          nullptr);
+      }
+      fi_cq_entry e;
+      fi_cq_read(cqs[0], &e, 1);  // the target's manual progress
+      if (posted != 0) continue;
+      ssize_t n = fi_cq_read(cqs[1], &e, 1);
+      if (n == 1) {
+        if (target[1] == source[0]) result = attempt == 1;
+        done = true;
+      } else if (n == -FI_EAVAIL) {
+        fi_cq_err_entry err = {};
+        fi_cq_readerr(cqs[1], &err, 0);
+        done = true;
+      }
+    }
+    if (!done) break;  // unknown state: give up rather than reuse the endpoint
+    if (!result.ok() && attempt == 0) {
+      // A refused access fails the rxm connection: start the second try on fresh endpoints.
+      for (int i = 0; i < 2; ++i) {
+        fi_close(&eps[i]->fid);
+        eps[i] = nullptr;
+      }
+      for (int i = 0; rc == 0 && i < 2; ++i) {
+        size_t len = kMaxName;
+        rc = fi_endpoint(doms[i], info_, &eps[i], nullptr);
+        if (rc == 0) rc = fi_ep_bind(eps[i], &cqs[i]->fid, FI_TRANSMIT | FI_RECV);
+        if (rc == 0) rc = fi_ep_bind(eps[i], &avs[i]->fid, 0);
+        if (rc == 0) rc = fi_enable(eps[i]);
+        if (rc == 0) rc = fi_getname(&eps[i]->fid, names[i], &len);
+      }
+      fi_av_remove(avs[1], &peer, 1, 0);
+      fi_av_remove(avs[0], &back, 1, 0);
+      if (rc == 0 && fi_av_insert(avs[1], names[0], 1, &peer, 0, nullptr) != 1) rc = -FI_EINVAL;
+      if (rc == 0 && fi_av_insert(avs[0], names[1], 1, &back, 0, nullptr) != 1) rc = -FI_EINVAL;
+    }
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (eps[i] != nullptr) fi_close(&eps[i]->fid);
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (mrs[i] != nullptr) fi_close(&mrs[i]->fid);
+    if (avs[i] != nullptr) fi_close(&avs[i]->fid);
+    if (cqs[i] != nullptr) fi_close(&cqs[i]->fid);
+  }
+  if (idom != nullptr) fi_close(&idom->fid);
+  if (rc != 0) return FiError("addressing probe", -rc);
+  return result;
 }
 
 void FabricCore::StartProgress() {
