@@ -13,4 +13,5 @@ SANREG_COPTS = [
 # Tests and benchmarks: the same, with the warnings GoogleTest's macros trip relaxed.
 SANREG_TEST_COPTS = SANREG_COPTS + [
     "-Wno-sign-compare",
+    "-Wno-dangling-else",
 ]

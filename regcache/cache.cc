@@ -1,5 +1,7 @@
 #include "regcache/cache.h"
 
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -180,7 +182,10 @@ RegistrationCache::RegistrationCache(Registrar* registrar, const Options& option
   table_.store(tables_.back().get(), std::memory_order_release);
   monitor_ = StartMemoryMonitor(options_.memory_monitor);
   if (monitor_.hooks || monitor_.uffd != nullptr) {
-    subscribed_ = SubscribeMemoryEvents(&events_);
+    uint32_t sources = 0;
+    if (monitor_.hooks) sources |= 1u << static_cast<int>(MemoryEventSource::kHooks);
+    if (monitor_.uffd != nullptr) sources |= 1u << static_cast<int>(MemoryEventSource::kUffd);
+    subscribed_ = SubscribeMemoryEvents(&events_, sources);
     if (!subscribed_) {
       monitor_.notes += "too many caches subscribed to memory events; ";
       monitor_.hooks = false;
@@ -330,6 +335,10 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
     return room;
   }
 
+  // With userfaultfd as the only source, a range it cannot watch must not be cached: nothing would
+  // report its unmapping. Such a registration is handed out uncached (dead from birth).
+  const bool watched = monitor_.uffd != nullptr && WatchBeforePinning(start, len);
+  const bool cacheable = monitor_.hooks || monitor_.uffd == nullptr || watched;
   uint64_t t0 = NowTicks();
   absl::StatusOr<Registration> reg = registrar_->Register(start, len, access);
   if (!reg.ok() && reg.status().code() == absl::StatusCode::kResourceExhausted) {
@@ -363,19 +372,39 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   r->created = NowTicks();
   r->last_use.store(r->created, std::memory_order_relaxed);
   uint64_t inc = Incarnation(r->state.load(std::memory_order_relaxed)) + 1;
-  r->state.store((inc << kIncarnationShift) | 1, std::memory_order_release);
-  // Watched after registering: the pages are present by then, so watching costs no faults.
-  if (monitor_.uffd != nullptr) monitor_.uffd->Watch(start, len);
-  r->node = tree_.Insert(start, end, r);
-  ++live_regions_;
-  live_bytes_ += len;
   ++slow_stats_.registrations;
   uint64_t pinned = pinned_bytes_.fetch_add(len, std::memory_order_relaxed) + len;
   slow_stats_.pinned_bytes_high_water = std::max(slow_stats_.pinned_bytes_high_water, pinned);
+  if (!cacheable) {
+    // Dead from birth: never in the index; deregistered when its one reference goes.
+    r->state.store((inc << kIncarnationShift) | kDeadBit | 1, std::memory_order_release);
+    r->node = nullptr;
+    ++slow_stats_.uncached_registrations;
+    return RegionRef(this, r);
+  }
+  r->state.store((inc << kIncarnationShift) | 1, std::memory_order_release);
+  r->node = tree_.Insert(start, end, r);
+  ++live_regions_;
+  live_bytes_ += len;
   PushHeap(r, Priority(r, r->created));
   MaybeGrowTable();
   FillSlot(a >> page_shift_, r);
   return RegionRef(this, r);
+}
+
+bool RegistrationCache::WatchBeforePinning(uintptr_t start, size_t len) {
+  // Watch before the registrar pins: an unmap between pinning and watching would go unreported
+  // and leave a stale region. Populate first, so that pinning faults no page through the monitor
+  // (a watched missing page is served by its reader thread). Both may fail on memory that is not
+  // plain anonymous or shared memory; that range is then left to the other sources.
+#ifndef MADV_POPULATE_READ
+  constexpr int MADV_POPULATE_READ = 22;
+  constexpr int MADV_POPULATE_WRITE = 23;
+#endif
+  if (syscall(SYS_madvise, start, len, MADV_POPULATE_WRITE) != 0) {
+    syscall(SYS_madvise, start, len, MADV_POPULATE_READ);
+  }
+  return monitor_.uffd->Watch(start, len);
 }
 
 absl::Status RegistrationCache::MakeRoom(size_t bytes) {
@@ -645,6 +674,8 @@ void RegistrationCache::ReclaimerLoop() {
 }
 
 void RegistrationCache::Flush() {
+  // userfaultfd events reach the queue just after the change returns: wait for those first.
+  if (monitor_.uffd != nullptr) monitor_.uffd->Sync();
   if (events_.pending() != 0) {
     std::lock_guard<std::mutex> lock(mu_);
     DrainMemoryEventsLocked();

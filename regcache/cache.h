@@ -96,6 +96,7 @@ struct CacheStats {
   uint64_t memory_events = 0;  // ranges from memory events drained (each may drop regions)
   uint64_t memory_event_overflows = 0;  // events that widened a range of a full queue
   uint64_t stale_hits = 0;     // verification mode: hits whose pages had changed (a bug)
+  uint64_t uncached_registrations = 0;  // handed out uncached: no source could watch the range
   bool monitor_hooks = false;  // memory-event sources in use
   bool monitor_uffd = false;
   std::string monitor_notes;   // why a requested source is not in use
@@ -202,9 +203,10 @@ class RegistrationCache {
   }
   absl::StatusOr<size_t> Invalidate(uintptr_t addr, size_t len);
 
-  // Deregisters everything waiting for the reclaimer, on this thread, and waits for the
-  // reclaimer's batch in progress. After it returns, every region dead before the call is
-  // deregistered.
+  // Makes every memory change made before the call take effect (waits for userfaultfd events to
+  // arrive, drains the event queue), then deregisters everything waiting for the reclaimer, on this
+  // thread, and waits for the reclaimer's batch in progress. After it returns, every region dead
+  // before the call is deregistered.
   void Flush();
 
   CacheStats Stats() const;
@@ -253,6 +255,8 @@ class RegistrationCache {
   // All below: REQUIRES mu_ held.
   // Invalidates the ranges memory events queued. Returns the regions dropped.
   void DrainMemoryEventsLocked();
+  // Returns whether userfaultfd now watches the range.
+  bool WatchBeforePinning(uintptr_t start, size_t len);
   size_t InvalidateLocked(uintptr_t start, uintptr_t end);
   void FillSlot(uintptr_t page, Region* r);
   // Marks r dead and removes it from the index. Returns true when it had no reference, so the

@@ -9,6 +9,7 @@ namespace {
 
 struct Slot {
   std::atomic<InvalidationQueue*> queue{nullptr};
+  std::atomic<uint32_t> sources{0};
   std::atomic<int> users{0};
 };
 
@@ -69,9 +70,13 @@ int InvalidationQueue::Drain(Range* out, uint32_t* taken) {
   return n;
 }
 
-bool SubscribeMemoryEvents(InvalidationQueue* q) {
+bool SubscribeMemoryEvents(InvalidationQueue* q, uint32_t sources) {
   for (int i = 0; i < kMaxSubscribers; ++i) {
     InvalidationQueue* expected = nullptr;
+    // The mask is written before the queue is published; a stale mask from the slot's previous
+    // owner can only make a publisher push to q an event it did not ask for (more invalidation).
+    if (g_slots[i].queue.load(std::memory_order_acquire) != nullptr) continue;
+    g_slots[i].sources.store(sources, std::memory_order_release);
     if (g_slots[i].queue.compare_exchange_strong(expected, q, std::memory_order_acq_rel)) {
       int limit = g_slot_limit.load(std::memory_order_relaxed);
       while (limit < i + 1 &&
@@ -101,20 +106,25 @@ void PublishMemoryEvent(uintptr_t addr, size_t len, MemoryEventKind kind,
                         MemoryEventSource source) {
   if (len == 0) return;
   const uintptr_t end = addr + len < addr ? ~uintptr_t{0} : addr + len;
+  if (MemoryEventsWanted()) {
+    const int limit = g_slot_limit.load(std::memory_order_acquire);
+    for (int i = 0; i < limit; ++i) {
+      Slot& slot = g_slots[i];
+      if (slot.queue.load(std::memory_order_relaxed) == nullptr) continue;
+      if ((slot.sources.load(std::memory_order_acquire) & (1u << static_cast<int>(source))) == 0) {
+        continue;
+      }
+      slot.users.fetch_add(1, std::memory_order_seq_cst);
+      if (InvalidationQueue* q = slot.queue.load(std::memory_order_seq_cst)) q->Push(addr, end);
+      slot.users.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+  // Counted and probed after the queues have it: a count that moved means the range is queued.
   g_counts[static_cast<int>(source)][static_cast<int>(kind)].fetch_add(1,
-                                                                       std::memory_order_relaxed);
+                                                                       std::memory_order_acq_rel);
   uintptr_t probe = g_probe_page.load(std::memory_order_acquire);
   if (probe != 0 && probe >= addr && probe < end) {
     g_probe_seen[static_cast<int>(source)].store(true, std::memory_order_release);
-  }
-  if (!MemoryEventsWanted()) return;
-  const int limit = g_slot_limit.load(std::memory_order_acquire);
-  for (int i = 0; i < limit; ++i) {
-    Slot& slot = g_slots[i];
-    if (slot.queue.load(std::memory_order_relaxed) == nullptr) continue;
-    slot.users.fetch_add(1, std::memory_order_seq_cst);
-    if (InvalidationQueue* q = slot.queue.load(std::memory_order_seq_cst)) q->Push(addr, end);
-    slot.users.fetch_sub(1, std::memory_order_seq_cst);
   }
 }
 
@@ -129,7 +139,7 @@ bool MemoryEventProbeSeen(MemoryEventSource source) {
 
 uint64_t MemoryEventCount(MemoryEventSource source, MemoryEventKind kind) {
   return g_counts[static_cast<int>(source)][static_cast<int>(kind)].load(
-      std::memory_order_relaxed);
+      std::memory_order_acquire);
 }
 
 }  // namespace sanreg

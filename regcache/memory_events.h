@@ -1,8 +1,10 @@
 // memory_events.h: how changes to the address space reach every live RegistrationCache.
 //
 // Sources (memory_hooks.cc: interposed munmap, mremap, madvise, brk, sbrk, shmdt, mmap(MAP_FIXED);
-// uffd_monitor.cc: a userfaultfd reader) call PublishMemoryEvent(addr, len, kind) BEFORE the change
-// takes effect where they can (hooks) or as soon as the kernel reports it (userfaultfd). Each
+// uffd_monitor.cc: a userfaultfd reader) call PublishMemoryEvent(addr, len, kind): the hooks both
+// before the change (no lookup that starts after it begins finds the old region) and after it
+// returns (a region registered while the change was under way is dropped too); userfaultfd as soon
+// as the kernel reports it. Each
 // subscribed cache owns an InvalidationQueue; a publish pushes the range into every queue and raises
 // the queue's pending count, which the cache's hit path reads: while anything is pending, lookups
 // take the slow path, which drains the queue (invalidating the ranges) first. So no lookup returns a
@@ -82,10 +84,11 @@ class InvalidationQueue {
   std::atomic<uint64_t> overflows_{0};
 };
 
-// Subscribes `q` to every memory event of the process until Unsubscribe.
-// Returns false when all kMaxSubscribers slots are taken.
+// Subscribes `q` to the memory events of the sources in `sources` (a mask of
+// 1 << MemoryEventSource) until Unsubscribe. Returns false when all kMaxSubscribers slots are taken.
 inline constexpr int kMaxSubscribers = 64;
-bool SubscribeMemoryEvents(InvalidationQueue* q);
+inline constexpr uint32_t kAllMemoryEventSources = (1u << static_cast<int>(MemoryEventSource::kCount)) - 1;
+bool SubscribeMemoryEvents(InvalidationQueue* q, uint32_t sources = kAllMemoryEventSources);
 // REQUIRES: q was subscribed. Returns once no publisher can touch q any more.
 void UnsubscribeMemoryEvents(InvalidationQueue* q);
 

@@ -119,6 +119,23 @@ size_t ShmSize(uintptr_t addr, bool forget) {
   return len;
 }
 
+// Publishes a range before a change and again after it (memory_events.h). len 0: nothing.
+class Around {
+ public:
+  Around(const void* addr, size_t len, MemoryEventKind kind)
+      : addr_(reinterpret_cast<uintptr_t>(addr)), len_(PageRound(len)), kind_(kind) {
+    PublishMemoryEvent(addr_, len_, kind_, MemoryEventSource::kHooks);
+  }
+  ~Around() { PublishMemoryEvent(addr_, len_, kind_, MemoryEventSource::kHooks); }
+  Around(const Around&) = delete;
+  Around& operator=(const Around&) = delete;
+
+ private:
+  const uintptr_t addr_;
+  const size_t len_;
+  const MemoryEventKind kind_;
+};
+
 }  // namespace
 }  // namespace sanreg
 
@@ -129,8 +146,7 @@ using sanreg::PublishMemoryEvent;
 extern "C" {
 
 int munmap(void* addr, size_t len) noexcept {
-  PublishMemoryEvent(reinterpret_cast<uintptr_t>(addr), sanreg::PageRound(len),
-                     MemoryEventKind::kUnmap, MemoryEventSource::kHooks);
+  sanreg::Around event(addr, len, MemoryEventKind::kUnmap);
   if (auto f = sanreg::Resolve(sanreg::g_real.munmap, "munmap")) return f(addr, len);
   return static_cast<int>(syscall(SYS_munmap, addr, len));
 }
@@ -142,13 +158,12 @@ void* mremap(void* old_addr, size_t old_len, size_t new_len, int flags, ...) noe
     va_start(ap, flags);
     new_addr = va_arg(ap, void*);
     va_end(ap);
-    PublishMemoryEvent(reinterpret_cast<uintptr_t>(new_addr), sanreg::PageRound(new_len),
-                       MemoryEventKind::kRemap, MemoryEventSource::kHooks);
   }
+  // The range a fixed move replaces.
+  sanreg::Around target(new_addr, (flags & MREMAP_FIXED) ? new_len : 0, MemoryEventKind::kRemap);
   // Whether it moves, shrinks or grows in place is known only after the call; invalidating the
   // old range in every case is conservative.
-  PublishMemoryEvent(reinterpret_cast<uintptr_t>(old_addr), sanreg::PageRound(old_len),
-                     MemoryEventKind::kRemap, MemoryEventSource::kHooks);
+  sanreg::Around old(old_addr, old_len, MemoryEventKind::kRemap);
   if (auto f = sanreg::Resolve(sanreg::g_real.mremap, "mremap")) {
     return f(old_addr, old_len, new_len, flags, new_addr);
   }
@@ -161,8 +176,9 @@ int madvise(void* addr, size_t len, int advice) noexcept {
       || advice == MADV_DONTNEED_LOCKED
 #endif
   ) {
-    PublishMemoryEvent(reinterpret_cast<uintptr_t>(addr), sanreg::PageRound(len),
-                       MemoryEventKind::kAdviseRemove, MemoryEventSource::kHooks);
+    sanreg::Around event(addr, len, MemoryEventKind::kAdviseRemove);
+    if (auto f = sanreg::Resolve(sanreg::g_real.madvise, "madvise")) return f(addr, len, advice);
+    return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
   }
   if (auto f = sanreg::Resolve(sanreg::g_real.madvise, "madvise")) return f(addr, len, advice);
   return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
@@ -174,7 +190,9 @@ int brk(void* addr) noexcept {
     uintptr_t cur = reinterpret_cast<uintptr_t>(real_sbrk(0));
     uintptr_t want = reinterpret_cast<uintptr_t>(addr);
     if (want < cur) {
-      PublishMemoryEvent(want, cur - want, MemoryEventKind::kBrk, MemoryEventSource::kHooks);
+      sanreg::Around event(addr, cur - want, MemoryEventKind::kBrk);
+      auto f = sanreg::Resolve(sanreg::g_real.brk, "brk");
+      return f != nullptr ? f(addr) : -1;
     }
   }
   auto f = sanreg::Resolve(sanreg::g_real.brk, "brk");
@@ -186,8 +204,9 @@ void* sbrk(intptr_t delta) noexcept {
   if (f == nullptr) return reinterpret_cast<void*>(-1);
   if (delta < 0) {
     uintptr_t cur = reinterpret_cast<uintptr_t>(f(0));
-    PublishMemoryEvent(cur - static_cast<uintptr_t>(-delta), static_cast<size_t>(-delta),
-                       MemoryEventKind::kBrk, MemoryEventSource::kHooks);
+    sanreg::Around event(reinterpret_cast<void*>(cur - static_cast<uintptr_t>(-delta)),
+                         static_cast<size_t>(-delta), MemoryEventKind::kBrk);
+    return f(delta);
   }
   return f(delta);
 }
@@ -207,17 +226,14 @@ void* shmat(int id, const void* addr, int flags) noexcept {
 
 int shmdt(const void* addr) noexcept {
   uintptr_t a = reinterpret_cast<uintptr_t>(addr);
-  PublishMemoryEvent(a, sanreg::ShmSize(a, /*forget=*/true), MemoryEventKind::kShmDetach,
-                     MemoryEventSource::kHooks);
+  sanreg::Around event(addr, sanreg::ShmSize(a, /*forget=*/true), MemoryEventKind::kShmDetach);
   if (auto f = sanreg::Resolve(sanreg::g_real.shmdt, "shmdt")) return f(addr);
   return static_cast<int>(syscall(SYS_shmdt, addr));
 }
 
 void* mmap(void* addr, size_t len, int prot, int flags, int fd, off_t off) noexcept {
-  if ((flags & MAP_FIXED) != 0 && (flags & MAP_FIXED_NOREPLACE) == 0) {
-    PublishMemoryEvent(reinterpret_cast<uintptr_t>(addr), sanreg::PageRound(len),
-                       MemoryEventKind::kMapFixed, MemoryEventSource::kHooks);
-  }
+  const bool fixed = (flags & MAP_FIXED) != 0 && (flags & MAP_FIXED_NOREPLACE) == 0;
+  sanreg::Around event(addr, fixed ? len : 0, MemoryEventKind::kMapFixed);
   if (auto f = sanreg::Resolve(sanreg::g_real.mmap, "mmap")) {
     return f(addr, len, prot, flags, fd, off);
   }

@@ -58,7 +58,7 @@ MemoryMonitorStatus StartMemoryMonitor(MemoryMonitorMode mode) {
       absl::StrAppend(&st.notes, "uffd: ", m.status().message(), "; ");
     }
   }
-  if (st.hooks && st.uffd == nullptr) KeepMallocMemory();
+  if (st.hooks) KeepMallocMemory();
   return st;
 }
 

@@ -11,10 +11,12 @@
 // Hooks self-test: unmap a scratch page through the PLT and see the event arrive; it fails when
 // the program neither links //regcache:memory_hooks nor preloads libsanreg_hooks.so.
 //
-// When the hooks are the only source, glibc's own releases (free of mmapped blocks, heap trimming)
-// would go unseen, so malloc is told never to give memory back: M_MMAP_MAX = 0 (no mmapped
-// blocks) and M_TRIM_THRESHOLD = the largest value (no trimming). Memory the application had
-// mmapped through malloc before that stays invisible: see docs/MEMORY_EVENTS.md.
+// glibc's own releases (free of mmapped blocks, heap trimming) bypass the hooks, and userfaultfd
+// reports them only just after they happen. So whenever the hooks are in use, malloc is told never
+// to give memory back: M_MMAP_MAX = 0 (no mmapped blocks) and M_TRIM_THRESHOLD = the largest value
+// (no trimming); freed memory stays mapped with the same pages, and a cached registration of it
+// stays valid. Blocks malloc had mmapped before the first cache started are released unseen by
+// the hooks (userfaultfd sees them): see docs/MEMORY_EVENTS.md.
 //
 // Thread-safety: any thread.
 

@@ -159,33 +159,29 @@ absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t lengt
   std::lock_guard<std::mutex> lock(mu_);
   Split(s);
   Split(e);
-  auto to_lock = RangesWithCount(s, e, 0);
-  for (size_t i = 0; i < to_lock.size(); ++i) {
-    auto [ls, le] = to_lock[i];
-    if (SysMlock(ls, le - ls) != 0) {
-      int err = errno;
-      // mlock stops at the first hole having locked the pages before it: undo those too.
-      SysMunlock(ls, le - ls);
-      for (size_t j = 0; j < i; ++j) {
-        SysMunlock(to_lock[j].first, to_lock[j].second - to_lock[j].first);
-      }
-      Coalesce(s, e);
-      if (!RangeMapped(s, e, page_size_)) {
-        return absl::OutOfRangeError(absl::StrCat("pin registrar: [0x", absl::Hex(s), ", 0x",
-                                                  absl::Hex(e), ") is not wholly mapped"));
-      }
-      if (err == ENOMEM || err == EAGAIN || err == EPERM) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "pin registrar: mlock of ", le - ls, " bytes refused (", std::strerror(err),
-            "); locked ", locked_bytes_, " bytes; RLIMIT_MEMLOCK reached?"));
-      }
-      return absl::InternalError(absl::StrCat("pin registrar: mlock: ", std::strerror(err)));
+  // Lock the whole range, not only pages this registrar has not locked yet: the mapping behind a
+  // locked address may have been replaced (an unmap the cache has not processed yet), and the new
+  // pages must be faulted in and locked too. mlock of locked pages is cheap and harmless.
+  // Only pages no registration held before are unlocked on failure.
+  auto fresh = RangesWithCount(s, e, 0);
+  if (SysMlock(s, e - s) != 0) {
+    int err = errno;
+    // mlock stops at the first failure having locked the pages before it: undo fresh pages.
+    for (auto [fs, fe] : fresh) SysMunlock(fs, fe - fs);
+    Coalesce(s, e);
+    if (!RangeMapped(s, e, page_size_)) {
+      return absl::OutOfRangeError(absl::StrCat("pin registrar: [0x", absl::Hex(s), ", 0x",
+                                                absl::Hex(e), ") is not wholly mapped"));
     }
+    if (err == ENOMEM || err == EAGAIN || err == EPERM) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "pin registrar: mlock of ", e - s, " bytes refused (", std::strerror(err),
+          "); locked ", locked_bytes_, " bytes; RLIMIT_MEMLOCK reached?"));
+    }
+    return absl::InternalError(absl::StrCat("pin registrar: mlock: ", std::strerror(err)));
   }
-  for (auto [ls, le] : to_lock) {
-    locked_bytes_ += le - ls;
-    if (options_.dont_fork) syscall(SYS_madvise, ls, le - ls, MADV_DONTFORK);
-  }
+  for (auto [ls, le] : fresh) locked_bytes_ += le - ls;
+  if (options_.dont_fork) syscall(SYS_madvise, s, e - s, MADV_DONTFORK);
   AddCount(s, e, +1);
   Coalesce(s, e);
   Registration reg;

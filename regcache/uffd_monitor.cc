@@ -108,6 +108,41 @@ absl::Status UffdMonitor::Start() {
   return absl::OkStatus();
 }
 
+bool UffdMonitor::Sync() {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* p = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return false;
+  static_cast<volatile char*>(p)[0] = 1;
+  if (!Watch(reinterpret_cast<uintptr_t>(p), page)) {
+    munmap(p, page);
+    return false;
+  }
+  int slot = -1;
+  while (slot < 0) {
+    for (int k = 0; k < kMarkers && slot < 0; ++k) {
+      uintptr_t expected = 0;
+      if (markers_[k].compare_exchange_strong(expected, reinterpret_cast<uintptr_t>(p),
+                                              std::memory_order_acq_rel)) {
+        slot = k;
+      }
+    }
+    if (slot < 0) std::this_thread::yield();  // 16 Syncs at once: wait for a slot
+  }
+  marker_seen_[slot].store(false, std::memory_order_release);
+  munmap(p, page);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  bool ok = true;
+  while (!marker_seen_[slot].load(std::memory_order_acquire)) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ok = false;
+      break;
+    }
+    std::this_thread::yield();
+  }
+  markers_[slot].store(0, std::memory_order_release);
+  return ok;
+}
+
 bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
   struct uffdio_register reg = {};
   reg.range.start = addr;
@@ -141,6 +176,12 @@ void UffdMonitor::ReaderLoop() {
           events_.fetch_add(1, std::memory_order_relaxed);
           PublishMemoryEvent(m.arg.remove.start, m.arg.remove.end - m.arg.remove.start,
                              MemoryEventKind::kUnmap, MemoryEventSource::kUffd);
+          for (int k = 0; k < kMarkers; ++k) {
+            uintptr_t mk = markers_[k].load(std::memory_order_acquire);
+            if (mk != 0 && mk >= m.arg.remove.start && mk < m.arg.remove.end) {
+              marker_seen_[k].store(true, std::memory_order_release);
+            }
+          }
           break;
         case UFFD_EVENT_REMOVE: {
           events_.fetch_add(1, std::memory_order_relaxed);

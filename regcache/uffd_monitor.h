@@ -9,8 +9,9 @@
 //
 // Timing: for these events the kernel blocks the thread making the change until the reader has
 // read the message, and lets it go on as soon as it has; the reader publishes right after. So
-// there is a window of a few microseconds after munmap returns in which a lookup on another thread
-// may still find the region (measured in the cache benchmark); the hooks source has no such window.
+// there is a window of microseconds after munmap returns in which a lookup may still find the
+// region (measured in the cache benchmark); the hooks source has no such window. Sync() closes it
+// on demand (RegistrationCache::Flush calls it).
 //
 // Faults: a watched page that was dropped (madvise DONTNEED) and is touched again raises a
 // missing-page fault that the reader resolves with the zero page, as the kernel would have;
@@ -48,6 +49,12 @@ class UffdMonitor {
   // userfaultfd already watches it; such a range is left to the other sources.
   bool Watch(uintptr_t addr, size_t len);
 
+  // Returns once every event the kernel delivered before the call has been published: unmaps a
+  // watched marker page and waits for its own event (the reader handles events in order).
+  // Costs an mmap, a registration, an munmap and a wake-up: tens of microseconds.
+  // Returns false if the marker cannot be set up or its event does not come within 5 s.
+  bool Sync();
+
   uint64_t events() const { return events_.load(std::memory_order_relaxed); }
   uint64_t faults_served() const { return faults_.load(std::memory_order_relaxed); }
   uint64_t watch_failures() const { return watch_failures_.load(std::memory_order_relaxed); }
@@ -57,7 +64,10 @@ class UffdMonitor {
   absl::Status Start();
   void ReaderLoop();
 
+  static constexpr int kMarkers = 16;
   int fd_ = -1;
+  std::atomic<uintptr_t> markers_[kMarkers] = {};  // marker pages of Syncs in progress
+  std::atomic<bool> marker_seen_[kMarkers] = {};
   std::atomic<uint64_t> events_{0};
   std::atomic<uint64_t> faults_{0};
   std::atomic<uint64_t> watch_failures_{0};
