@@ -30,6 +30,10 @@
 //   shm: the target checks key, bounds and rights and moves nothing, but never tells the
 //       initiator, whose operation would wait forever. The operation deadline (FabricOptions::
 //       op_timeout) bounds that: the connection fails and the operation completes kUnavailable.
+//   shm, peer death (NOT handled): a peer SIGKILLed while it holds its shared region's spinlock
+//       leaves it held; libfabric 1.17 then spins forever in fi_writemsg/fi_readmsg to that peer
+//       (seen about 1 run in 10 when operations were still queued at the kill). Operations already
+//       posted complete with kUnavailable; posting after the death can hang the poster.
 //   Both: registrations are domain-wide (no FI_MR_ENDPOINT), so a key works from any connection of
 //       the target's fabric; the connection check on descriptors is done here, on the initiator,
 //       and the unguessable keys are what stop a peer that forges one.

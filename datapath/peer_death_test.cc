@@ -94,7 +94,10 @@ TEST_P(PeerDeathTest, TwoProcessesMoveDataAndSigkillFailsPendingOperations) {
 
   FabricOptions o;
   o.provider = provider;
-  o.max_in_flight = 16;
+  // Every write below is handed to the provider before the kill: libfabric 1.17's shm spins
+  // forever posting to a peer killed while it held its region's lock (see endpoint.h), so this
+  // test does not post after the kill.
+  o.max_in_flight = 256;
   o.apply_env = false;
   auto fabric = Fabric::Open(o);
   ASSERT_TRUE(fabric.ok()) << fabric.status();
