@@ -177,7 +177,8 @@ RegistrationCache::RegistrationCache(Registrar* registrar, const Options& option
       options_(options),
       page_shift_(std::countr_zero(static_cast<size_t>(sysconf(_SC_PAGESIZE)))),
       align_mask_((options.alignment ? options.alignment : size_t{1} << page_shift_) - 1) {
-  int bits = std::clamp(static_cast<int>(std::bit_width(options.lookup_buckets - 1)), 4, kMaxTableBits);
+  int bits =
+      std::clamp(static_cast<int>(std::bit_width(options.lookup_buckets - 1)), 4, kMaxTableBits);
   tables_.push_back(std::make_unique<Table>(bits));
   table_.store(tables_.back().get(), std::memory_order_release);
   monitor_ = StartMemoryMonitor(options_.memory_monitor);
@@ -200,7 +201,8 @@ RegistrationCache::~RegistrationCache() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Region*> all;
-    tree_.VisitOverlapping(0, ~uintptr_t{0}, [&](Tree::Handle h) { all.push_back(Tree::Value(h)); });
+    tree_.VisitOverlapping(0, ~uintptr_t{0},
+                           [&](Tree::Handle h) { all.push_back(Tree::Value(h)); });
     for (Region* r : all) {
       if (Kill(r, /*invalidated=*/false)) Retire(r);
     }
@@ -241,7 +243,8 @@ RegistrationCache::Region* RegistrationCache::TryAcquireFast(uintptr_t a, uintpt
       if (s & kInvalidatedBit) *hint = MissHint::kInvalidated;
       continue;
     }
-    if (r->start.load(std::memory_order_relaxed) > a || r->end.load(std::memory_order_relaxed) < b ||
+    if (r->start.load(std::memory_order_relaxed) > a ||
+        r->end.load(std::memory_order_relaxed) < b ||
         !AccessCovers(r->access.load(std::memory_order_relaxed), access)) {
       continue;
     }
@@ -260,7 +263,8 @@ RegistrationCache::Region* RegistrationCache::TryAcquireFast(uintptr_t a, uintpt
 absl::StatusOr<RegionRef> RegistrationCache::Acquire(uintptr_t addr, size_t len, uint32_t access) {
   if (len == 0) return absl::InvalidArgumentError("Acquire: length is 0");
   if (!AccessValid(access)) {
-    return absl::InvalidArgumentError(absl::StrCat("Acquire: bad access bits 0x", absl::Hex(access)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("Acquire: bad access bits 0x", absl::Hex(access)));
   }
   const uintptr_t end = addr + len;
   if (end < addr || end + align_mask_ < end) {
@@ -278,8 +282,8 @@ absl::StatusOr<RegionRef> RegistrationCache::Acquire(uintptr_t addr, size_t len,
   return AcquireSlow(addr, end, access, hint);
 }
 
-absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t b,
-                                                         uint32_t access, MissHint hint) {
+absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t b, uint32_t access,
+                                                         MissHint hint) {
   std::unique_lock<std::mutex> lock(mu_);
   DrainMemoryEventsLocked();
   // A covering region with the rights: a hit the lookup table did not know of.
@@ -394,14 +398,16 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
 
 bool RegistrationCache::WatchBeforePinning(uintptr_t start, size_t len) {
   // Watch before the registrar pins: an unmap between pinning and watching would go unreported
-  // and leave a stale region. Populate first, so that pinning faults no page through the monitor
-  // (a watched missing page is served by its reader thread). Both may fail on memory that is not
-  // plain anonymous or shared memory; that range is then left to the other sources.
+  // and leave a stale region. In missing mode, populate first, so that pinning faults no page
+  // through the monitor (a watched missing page is served by its reader thread). Both may fail on
+  // memory that is not plain anonymous or shared memory; that range is then left to the other
+  // sources.
 #ifndef MADV_POPULATE_READ
   constexpr int MADV_POPULATE_READ = 22;
   constexpr int MADV_POPULATE_WRITE = 23;
 #endif
-  if (syscall(SYS_madvise, start, len, MADV_POPULATE_WRITE) != 0) {
+  if (!monitor_.uffd->write_protect_mode() &&
+      syscall(SYS_madvise, start, len, MADV_POPULATE_WRITE) != 0) {
     syscall(SYS_madvise, start, len, MADV_POPULATE_READ);
   }
   return monitor_.uffd->Watch(start, len);
@@ -416,10 +422,9 @@ absl::Status RegistrationCache::MakeRoom(size_t bytes) {
   }
   while ((max_r != 0 && live_regions_ + 1 > max_r) || (max_b != 0 && live_bytes_ + bytes > max_b)) {
     if (!EvictOne()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cache limit reached (", live_regions_, " regions, ", live_bytes_,
-                       " bytes; limits ", max_r, " regions, ", max_b,
-                       " bytes) and every region is in use"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cache limit reached (", live_regions_, " regions, ", live_bytes_, " bytes; limits ",
+          max_r, " regions, ", max_b, " bytes) and every region is in use"));
     }
   }
   return absl::OkStatus();
@@ -492,8 +497,8 @@ bool RegistrationCache::EvictOne() {
 }
 
 bool RegistrationCache::Kill(Region* r, bool invalidated) {
-  uint64_t old = r->state.fetch_or(kDeadBit | (invalidated ? kInvalidatedBit : 0),
-                                   std::memory_order_acq_rel);
+  uint64_t old =
+      r->state.fetch_or(kDeadBit | (invalidated ? kInvalidatedBit : 0), std::memory_order_acq_rel);
   tree_.Erase(r->node);
   r->node = nullptr;
   --live_regions_;
@@ -509,8 +514,8 @@ absl::StatusOr<RegionRef> RegistrationCache::VerifiedHit(Region* r) {
     return ref;
   }
   stale_hits_.fetch_add(1, std::memory_order_relaxed);
-  return absl::DataLossError(absl::StrCat("verification: a hit returned a stale registration: ",
-                                          st.message()));
+  return absl::DataLossError(
+      absl::StrCat("verification: a hit returned a stale registration: ", st.message()));
 }
 
 void RegistrationCache::DrainMemoryEventsLocked() {

@@ -91,17 +91,17 @@ struct CacheStats {
   uint64_t deregistrations = 0;
   uint64_t deregistration_failures = 0;
   uint64_t evictions = 0;
-  uint64_t invalidations = 0;  // regions dropped by Invalidate
-  uint64_t merges = 0;         // regions absorbed into a merged one
-  uint64_t memory_events = 0;  // ranges from memory events drained (each may drop regions)
+  uint64_t invalidations = 0;           // regions dropped by Invalidate
+  uint64_t merges = 0;                  // regions absorbed into a merged one
+  uint64_t memory_events = 0;           // ranges from memory events drained (each may drop regions)
   uint64_t memory_event_overflows = 0;  // events that widened a range of a full queue
-  uint64_t stale_hits = 0;     // verification mode: hits whose pages had changed (a bug)
+  uint64_t stale_hits = 0;              // verification mode: hits whose pages had changed (a bug)
   uint64_t uncached_registrations = 0;  // handed out uncached: no source could watch the range
-  bool monitor_hooks = false;  // memory-event sources in use
+  bool monitor_hooks = false;           // memory-event sources in use
   bool monitor_uffd = false;
-  std::string monitor_notes;   // why a requested source is not in use
-  uint64_t regions = 0;        // regions in the index now
-  uint64_t pinned_bytes = 0;   // registered bytes now (including regions awaiting the reclaimer)
+  std::string monitor_notes;  // why a requested source is not in use
+  uint64_t regions = 0;       // regions in the index now
+  uint64_t pinned_bytes = 0;  // registered bytes now (including regions awaiting the reclaimer)
   uint64_t pinned_bytes_high_water = 0;
   // registration_latency[i]: registrations that took [2^i, 2^(i+1)) ns (bucket 0 also takes 0).
   std::array<uint64_t, kLatencyBuckets> registration_latency{};
@@ -161,9 +161,9 @@ class RegistrationCache {
     size_t alignment = 0;         // 0: the page size; else a power of two >= the page size
     bool merge = true;
     EvictionPolicy eviction = EvictionPolicy::kLru;
-    uint32_t cost_weight = 16;       // kCostAware: ticks of life per tick of registration cost
-    size_t lookup_buckets = 1024;    // initial lookup-table buckets; grows with the regions
-    bool reclaimer_thread = true;    // false: deregister only in Flush (tests)
+    uint32_t cost_weight = 16;     // kCostAware: ticks of life per tick of registration cost
+    size_t lookup_buckets = 1024;  // initial lookup-table buckets; grows with the regions
+    bool reclaimer_thread = true;  // false: deregister only in Flush (tests)
     // Where memory events come from (memory_monitor.h).
     MemoryMonitorMode memory_monitor = MemoryMonitorMode::kAuto;
     // Verification mode: every hit asks the registrar to check the region's pages (slow; tests).
@@ -286,18 +286,18 @@ class RegistrationCache {
   const double ns_per_tick_ = internal::NsPerTick();
 
   std::atomic<Table*> table_;
-  InvalidationQueue events_;   // memory events for this cache (memory_events.h)
+  InvalidationQueue events_;  // memory events for this cache (memory_events.h)
   MemoryMonitorStatus monitor_;
   bool subscribed_ = false;
 
   mutable std::mutex mu_;
-  Tree tree_;                           // guarded by mu_
-  std::vector<HeapEntry> heap_;         // min-heap on key, guarded by mu_
+  Tree tree_;                                   // guarded by mu_
+  std::vector<HeapEntry> heap_;                 // min-heap on key, guarded by mu_
   std::vector<std::unique_ptr<Table>> tables_;  // current and retired, guarded by mu_
-  uint32_t fill_clock_ = 0;             // guarded by mu_
-  size_t live_regions_ = 0;             // guarded by mu_
-  size_t live_bytes_ = 0;               // guarded by mu_
-  CacheStats slow_stats_;               // misses, registrations, evictions...; guarded by mu_
+  uint32_t fill_clock_ = 0;                     // guarded by mu_
+  size_t live_regions_ = 0;                     // guarded by mu_
+  size_t live_bytes_ = 0;                       // guarded by mu_
+  CacheStats slow_stats_;  // misses, registrations, evictions...; guarded by mu_
 
   mutable std::array<Counter, kCounterShards> hits_;
   std::atomic<uint64_t> pinned_bytes_{0};
@@ -316,8 +316,8 @@ class RegistrationCache {
   enum class ReclaimerState { kAwake, kLingering, kSleeping };
   static constexpr size_t kReclaimBatch = 64;
   ReclaimerState reclaimer_state_ = ReclaimerState::kAwake;  // guarded by reclaim_mu_
-  int flush_waiters_ = 0;            // guarded by reclaim_mu_
-  bool stop_ = false;             // guarded by reclaim_mu_
+  int flush_waiters_ = 0;                                    // guarded by reclaim_mu_
+  bool stop_ = false;                                        // guarded by reclaim_mu_
   std::thread reclaimer_;
 };
 

@@ -165,9 +165,8 @@ TEST_P(CacheModelTest, MatchesBruteForceModel) {
     }
     if (step % 1000 == 0) {
       cache->Flush();
-      size_t registered = std::count_if(model.begin(), model.end(), [](const ModelRegion& m) {
-        return m.alive || m.refs > 0;
-      });
+      size_t registered = std::count_if(model.begin(), model.end(),
+                                        [](const ModelRegion& m) { return m.alive || m.refs > 0; });
       ASSERT_EQ(fake.live_registrations(), registered);
       ASSERT_EQ(cache->Stats().regions, static_cast<uint64_t>(alive_count()));
       ASSERT_EQ(fake.bad_deregistrations(), 0u);

@@ -1,5 +1,5 @@
-// Concurrency stress: threads acquire, release and invalidate overlapping ranges at once. Checked on
-// every step: a returned region covers the request with the rights; no Acquire returns a region
+// Concurrency stress: threads acquire, release and invalidate overlapping ranges at once. Checked
+// on every step: a returned region covers the request with the rights; no Acquire returns a region
 // registered before an Invalidate of an overlapping range that completed before the Acquire began
 // (no stale registration); at the end everything is deregistered exactly once.
 // Run under --config=tsan too.

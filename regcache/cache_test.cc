@@ -294,10 +294,19 @@ TEST_F(RegistrationCacheTest, CostAwareEvictsCheapBeforeOlderExpensive) {
   } reg;
   auto c = RegistrationCache::Create(&reg, o);
   ASSERT_TRUE(c.ok());
-  { auto r = (*c)->Acquire(kBase, kPage, kRead); ASSERT_TRUE(r.ok()); }  // costly, older
+  {
+    auto r = (*c)->Acquire(kBase, kPage, kRead);
+    ASSERT_TRUE(r.ok());
+  }  // costly, older
   reg.use_slow = false;
-  { auto r = (*c)->Acquire(kBase + 2 * kPage, kPage, kRead); ASSERT_TRUE(r.ok()); }  // cheap
-  { auto r = (*c)->Acquire(kBase + 4 * kPage, kPage, kRead); ASSERT_TRUE(r.ok()); }
+  {
+    auto r = (*c)->Acquire(kBase + 2 * kPage, kPage, kRead);
+    ASSERT_TRUE(r.ok());
+  }  // cheap
+  {
+    auto r = (*c)->Acquire(kBase + 4 * kPage, kPage, kRead);
+    ASSERT_TRUE(r.ok());
+  }
   (*c)->Flush();
   EXPECT_TRUE(reg.slow.IsRegistered(kBase, kPage)) << "cost-aware keeps the costly region";
   EXPECT_FALSE(reg.fast.IsRegistered(kBase + 2 * kPage, kPage));
@@ -307,10 +316,19 @@ TEST_F(RegistrationCacheTest, CostAwareEvictsCheapBeforeOlderExpensive) {
   Switchable reg2;
   auto c2 = RegistrationCache::Create(&reg2, o);
   ASSERT_TRUE(c2.ok());
-  { auto r = (*c2)->Acquire(kBase, kPage, kRead); ASSERT_TRUE(r.ok()); }
+  {
+    auto r = (*c2)->Acquire(kBase, kPage, kRead);
+    ASSERT_TRUE(r.ok());
+  }
   reg2.use_slow = false;
-  { auto r = (*c2)->Acquire(kBase + 2 * kPage, kPage, kRead); ASSERT_TRUE(r.ok()); }
-  { auto r = (*c2)->Acquire(kBase + 4 * kPage, kPage, kRead); ASSERT_TRUE(r.ok()); }
+  {
+    auto r = (*c2)->Acquire(kBase + 2 * kPage, kPage, kRead);
+    ASSERT_TRUE(r.ok());
+  }
+  {
+    auto r = (*c2)->Acquire(kBase + 4 * kPage, kPage, kRead);
+    ASSERT_TRUE(r.ok());
+  }
   (*c2)->Flush();
   EXPECT_FALSE(reg2.slow.IsRegistered(kBase, kPage));
 }

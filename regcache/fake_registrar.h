@@ -25,7 +25,7 @@ class FakeRegistrar : public Registrar {
   struct Options {
     uint64_t fail_every = 0;  // 0: never; k: the k-th, 2k-th, ... Register calls fail
     absl::StatusCode fail_code = absl::StatusCode::kResourceExhausted;
-    size_t byte_budget = 0;  // 0: unlimited; else live bytes may not exceed it
+    size_t byte_budget = 0;   // 0: unlimited; else live bytes may not exceed it
     uint64_t latency_ns = 0;  // busy-wait per Register and Deregister
   };
 
@@ -62,8 +62,8 @@ class FakeRegistrar : public Registrar {
   std::atomic<uint64_t> failures_{0};
   std::atomic<uint64_t> bad_deregistrations_{0};
   mutable std::mutex mu_;
-  uint64_t next_handle_ = 1;  // guarded by mu_
-  size_t live_bytes_ = 0;     // guarded by mu_
+  uint64_t next_handle_ = 1;                          // guarded by mu_
+  size_t live_bytes_ = 0;                             // guarded by mu_
   std::unordered_map<uintptr_t, Registration> live_;  // by handle, guarded by mu_
 };
 

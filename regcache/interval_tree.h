@@ -1,15 +1,15 @@
 // interval_tree.h: an augmented AVL tree of half-open intervals [start, end), overlaps allowed.
 //
-// The registration cache's index: "find one interval covering [a, b) that satisfies a predicate" and
-// "visit every interval overlapping [a, b)".
+// The registration cache's index: "find one interval covering [a, b) that satisfies a predicate"
+// and "visit every interval overlapping [a, b)".
 //
 // Balancing: AVL. The cache's index is read far more often than it is changed (every miss and every
 // invalidation searches it; only misses insert), and AVL keeps the height at most 1.44 log2(n),
 // lower than a red-black tree's 2 log2(n), for a few more rotations on update. Recursive insert and
 // erase keep the augmentation simple: every node on the path is recomputed on the way back up.
 //
-// Ordering: nodes are ordered by (start, seq), where seq is a per-tree counter stamped at insert, so
-// equal starts are allowed and every node has a unique key (erase finds it by key, in O(log n)).
+// Ordering: nodes are ordered by (start, seq), where seq is a per-tree counter stamped at insert,
+// so equal starts are allowed and every node has a unique key (erase finds it by key, in O(log n)).
 //
 // Invariants:
 //   1. For every node n: n.max_end = max(n.end, n.left.max_end, n.right.max_end).

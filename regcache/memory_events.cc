@@ -138,8 +138,7 @@ bool MemoryEventProbeSeen(MemoryEventSource source) {
 }
 
 uint64_t MemoryEventCount(MemoryEventSource source, MemoryEventKind kind) {
-  return g_counts[static_cast<int>(source)][static_cast<int>(kind)].load(
-      std::memory_order_acquire);
+  return g_counts[static_cast<int>(source)][static_cast<int>(kind)].load(std::memory_order_acquire);
 }
 
 }  // namespace sanreg

@@ -5,10 +5,10 @@
 // before the change (no lookup that starts after it begins finds the old region) and after it
 // returns (a region registered while the change was under way is dropped too); userfaultfd as soon
 // as the kernel reports it. Each
-// subscribed cache owns an InvalidationQueue; a publish pushes the range into every queue and raises
-// the queue's pending count, which the cache's hit path reads: while anything is pending, lookups
-// take the slow path, which drains the queue (invalidating the ranges) first. So no lookup returns a
-// region overlapping a pending invalidation.
+// subscribed cache owns an InvalidationQueue; a publish pushes the range into every queue and
+// raises the queue's pending count, which the cache's hit path reads: while anything is pending,
+// lookups take the slow path, which drains the queue (invalidating the ranges) first. So no lookup
+// returns a region overlapping a pending invalidation.
 //
 // Hook rules (a hook may run on any thread, inside malloc, or in the cache's own registrar):
 //   1. Publishing never allocates, never blocks on a lock the cache holds while allocating or
@@ -33,12 +33,12 @@
 namespace sanreg {
 
 enum class MemoryEventKind : int {
-  kUnmap = 0,      // munmap, or the old range of an mremap that moved or shrank
-  kRemap,          // mremap
-  kAdviseRemove,   // madvise DONTNEED / FREE / REMOVE
-  kBrk,            // the heap shrank (brk, sbrk)
-  kShmDetach,      // shmdt
-  kMapFixed,       // mmap(MAP_FIXED) over a range
+  kUnmap = 0,     // munmap, or the old range of an mremap that moved or shrank
+  kRemap,         // mremap
+  kAdviseRemove,  // madvise DONTNEED / FREE / REMOVE
+  kBrk,           // the heap shrank (brk, sbrk)
+  kShmDetach,     // shmdt
+  kMapFixed,      // mmap(MAP_FIXED) over a range
   kCount,
 };
 
@@ -77,17 +77,19 @@ class InvalidationQueue {
 
   std::atomic_flag lock_ = ATOMIC_FLAG_INIT;
   std::atomic<uint32_t> pending_{0};
-  int size_ = 0;              // guarded by lock_
-  uint32_t undrained_ = 0;    // pushes since the last Drain, guarded by lock_
+  int size_ = 0;                           // guarded by lock_
+  uint32_t undrained_ = 0;                 // pushes since the last Drain, guarded by lock_
   std::array<Range, kCapacity> ranges_{};  // guarded by lock_
   std::atomic<uint64_t> pushes_{0};
   std::atomic<uint64_t> overflows_{0};
 };
 
 // Subscribes `q` to the memory events of the sources in `sources` (a mask of
-// 1 << MemoryEventSource) until Unsubscribe. Returns false when all kMaxSubscribers slots are taken.
+// 1 << MemoryEventSource) until Unsubscribe. Returns false when all kMaxSubscribers slots are
+// taken.
 inline constexpr int kMaxSubscribers = 64;
-inline constexpr uint32_t kAllMemoryEventSources = (1u << static_cast<int>(MemoryEventSource::kCount)) - 1;
+inline constexpr uint32_t kAllMemoryEventSources =
+    (1u << static_cast<int>(MemoryEventSource::kCount)) - 1;
 bool SubscribeMemoryEvents(InvalidationQueue* q, uint32_t sources = kAllMemoryEventSources);
 // REQUIRES: q was subscribed. Returns once no publisher can touch q any more.
 void UnsubscribeMemoryEvents(InvalidationQueue* q);

@@ -16,9 +16,7 @@ namespace {
 
 // mlock and munlock through the system call: AddressSanitizer's and ThreadSanitizer's interceptors
 // turn the libc functions into no-ops that return 0, which would make pinning a silent lie.
-int SysMlock(uintptr_t addr, size_t len) {
-  return static_cast<int>(syscall(SYS_mlock, addr, len));
-}
+int SysMlock(uintptr_t addr, size_t len) { return static_cast<int>(syscall(SYS_mlock, addr, len)); }
 int SysMunlock(uintptr_t addr, size_t len) {
   return static_cast<int>(syscall(SYS_munlock, addr, len));
 }
@@ -113,8 +111,7 @@ void PinRegistrar::Split(uintptr_t at) {
   if (it->first != at) counts_.emplace(at, it->second);
 }
 
-std::vector<std::pair<uintptr_t, uintptr_t>> PinRegistrar::RangesWithCount(uintptr_t s,
-                                                                           uintptr_t e,
+std::vector<std::pair<uintptr_t, uintptr_t>> PinRegistrar::RangesWithCount(uintptr_t s, uintptr_t e,
                                                                            uint32_t count) {
   std::vector<std::pair<uintptr_t, uintptr_t>> out;
   for (auto it = counts_.find(s); it != counts_.end() && it->first < e; ++it) {
@@ -174,9 +171,9 @@ absl::StatusOr<Registration> PinRegistrar::Register(uintptr_t addr, size_t lengt
                                                 absl::Hex(e), ") is not wholly mapped"));
     }
     if (err == ENOMEM || err == EAGAIN || err == EPERM) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "pin registrar: mlock of ", e - s, " bytes refused (", std::strerror(err),
-          "); locked ", locked_bytes_, " bytes; RLIMIT_MEMLOCK reached?"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("pin registrar: mlock of ", e - s, " bytes refused (", std::strerror(err),
+                       "); locked ", locked_bytes_, " bytes; RLIMIT_MEMLOCK reached?"));
     }
     return absl::InternalError(absl::StrCat("pin registrar: mlock: ", std::strerror(err)));
   }

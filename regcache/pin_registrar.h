@@ -35,8 +35,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <unordered_map>
 #include <mutex>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -87,8 +87,8 @@ class PinRegistrar : public Registrar {
   // counts_[k] is the reference count of every page in [k, next key); pages before the first key
   // or after the last are 0. Guarded by mu_.
   std::map<uintptr_t, uint32_t> counts_;
-  size_t locked_bytes_ = 0;  // guarded by mu_
-  uint64_t next_handle_ = 1;  // guarded by mu_
+  size_t locked_bytes_ = 0;                                     // guarded by mu_
+  uint64_t next_handle_ = 1;                                    // guarded by mu_
   std::unordered_map<uint64_t, std::vector<uint64_t>> frames_;  // by handle, guarded by mu_
 };
 

@@ -1,8 +1,8 @@
 // registrar.h: the interface a RegistrationCache registers memory through.
 //
-// The cache knows nothing of fabrics: each backend (pinning only, libfabric, rdma-core verbs, a test
-// fake) implements Registrar. A Registration is the backend's record of one registered range: the
-// range, the rights it was registered with, an opaque handle and the keys a NIC uses.
+// The cache knows nothing of fabrics: each backend (pinning only, libfabric, rdma-core verbs, a
+// test fake) implements Registrar. A Registration is the backend's record of one registered range:
+// the range, the rights it was registered with, an opaque handle and the keys a NIC uses.
 //
 // Thread-safety: implementations must allow Register and Deregister from any thread, concurrently.
 // The cache calls Register while holding its own lock and Deregister from its reclaimer thread (or
@@ -34,16 +34,14 @@ inline constexpr uint32_t kAccessAll =
 constexpr bool AccessCovers(uint32_t have, uint32_t want) { return (want & ~have) == 0; }
 
 // True when `access` is a non-empty combination of known bits.
-constexpr bool AccessValid(uint32_t access) {
-  return access != 0 && (access & ~kAccessAll) == 0;
-}
+constexpr bool AccessValid(uint32_t access) { return access != 0 && (access & ~kAccessAll) == 0; }
 
 // A backend's record of one registered range. Plain value; the backend owns what `handle` names.
 struct Registration {
-  uintptr_t addr = 0;     // start of the registered range
-  size_t length = 0;      // bytes registered
-  uint32_t access = 0;    // Access bits it was registered with
-  uintptr_t handle = 0;   // backend-private (an fid_mr*, an ibv_mr*, a fake's id)
+  uintptr_t addr = 0;    // start of the registered range
+  size_t length = 0;     // bytes registered
+  uint32_t access = 0;   // Access bits it was registered with
+  uintptr_t handle = 0;  // backend-private (an fid_mr*, an ibv_mr*, a fake's id)
   uint64_t local_key = 0;
   uint64_t remote_key = 0;  // 0 when no remote right was asked for
 };
@@ -59,8 +57,7 @@ class Registrar {
   //   kOutOfRange: the range is not wholly mapped user memory;
   //   kPermissionDenied: the mapping does not allow the requested rights;
   //   another code for backend failures.
-  virtual absl::StatusOr<Registration> Register(uintptr_t addr, size_t length,
-                                                uint32_t access) = 0;
+  virtual absl::StatusOr<Registration> Register(uintptr_t addr, size_t length, uint32_t access) = 0;
 
   // Releases a registration returned by Register. After it returns the keys are revoked.
   // REQUIRES: `reg` came from this registrar's Register and was not deregistered yet.

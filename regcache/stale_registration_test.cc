@@ -105,8 +105,8 @@ class StaleRegistrationTest : public ::testing::TestWithParam<MemoryMonitorMode>
       GTEST_SKIP() << "userfaultfd unavailable here: " << s.monitor_notes;
     }
     if (GetParam() != MemoryMonitorMode::kUffd) {
-      ASSERT_TRUE(s.monitor_hooks) << "the hooks must be linked into this test: "
-                                   << s.monitor_notes;
+      ASSERT_TRUE(s.monitor_hooks)
+          << "the hooks must be linked into this test: " << s.monitor_notes;
     }
   }
 
@@ -272,15 +272,15 @@ TEST_P(StaleRegistrationTest, HeapShrinkThroughBrkRegistersNewPages) {
     auto& cache = *c;
     const intptr_t len = static_cast<intptr_t>(16 * kPage);
     {  // Warm up the cache's own allocations so malloc does not move the break below.
-      char* w = static_cast<char*>(mmap(nullptr, kPage, PROT_READ | PROT_WRITE,
-                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+      char* w = static_cast<char*>(
+          mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
       w[0] = 1;
       auto r = cache->Acquire(w, kPage, kRw);
       if (!r.ok()) _exit(11);
     }
     char* top = static_cast<char*>(sbrk(0));
-    char* top_aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(top) + kPage - 1) &
-                                                ~(kPage - 1));
+    char* top_aligned =
+        reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(top) + kPage - 1) & ~(kPage - 1));
     if (sbrk(top_aligned - top + len) == reinterpret_cast<void*>(-1)) _exit(12);
     std::memset(top_aligned, 'A', len);
     uint64_t h1;
@@ -486,7 +486,8 @@ TEST_P(StaleRegistrationTest, ForkDoesNotMoveRegisteredPages) {
   munmap(p, len);
 }
 
-// The hazard MADV_DONTFORK prevents, shown: without it the parent's write after fork moves its page.
+// The hazard MADV_DONTFORK prevents, shown: without it the parent's write after fork moves its
+// page.
 TEST(ForkHazardTest, WithoutDontForkTheParentsWriteMovesItsPage) {
   if (!PinRegistrar::PageFramesReadable()) GTEST_SKIP() << "frame numbers not readable";
   PinRegistrar::Options po;

@@ -23,12 +23,13 @@ namespace {
 
 constexpr uint64_t kFeatures =
     UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP;
+constexpr uint64_t kWpFeatures = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
 
 // The process's monitor. A forked child gets a fresh one (see ResetInChild).
 std::mutex g_mu;
-UffdMonitor* g_monitor = nullptr;              // guarded by g_mu
-absl::Status* g_error = nullptr;               // guarded by g_mu
-bool g_atfork_installed = false;               // guarded by g_mu
+UffdMonitor* g_monitor = nullptr;  // guarded by g_mu
+absl::Status* g_error = nullptr;   // guarded by g_mu
+bool g_atfork_installed = false;   // guarded by g_mu
 
 void ResetInChild() {
   // The reader thread does not exist in the child, and the child's mappings are not registered
@@ -65,21 +66,35 @@ absl::Status UffdMonitor::Start() {
   int fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
   if (fd < 0 && (errno == EPERM || errno == EACCES)) {
     // Unprivileged with vm.unprivileged_userfaultfd = 0: user-mode faults only (Linux 5.11+).
-    fd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
+    flags |= UFFD_USER_MODE_ONLY;
+    fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
   }
   if (fd < 0) {
     return absl::UnavailableError(
         absl::StrCat("userfaultfd: ", std::strerror(errno),
                      errno == ENOSYS ? " (kernel without userfaultfd)" : ""));
   }
+  // Write-protect mode where the kernel has it: then no fault ever reaches the reader (nothing is
+  // write-protected), only the events. Missing mode otherwise.
   struct uffdio_api api = {};
   api.api = UFFD_API;
-  api.features = kFeatures;
-  if (ioctl(fd, UFFDIO_API, &api) != 0 || (api.features & kFeatures) != kFeatures) {
-    int err = errno;
+  api.features = kFeatures | kWpFeatures;
+  if (ioctl(fd, UFFDIO_API, &api) == 0 &&
+      (api.features & (kFeatures | kWpFeatures)) == (kFeatures | kWpFeatures)) {
+    write_protect_mode_ = true;
+  } else {
+    // UFFDIO_API may be called once per descriptor: start again without the WP features.
     close(fd);
-    return absl::UnavailableError(
-        absl::StrCat("userfaultfd: UNMAP/REMOVE/REMAP events unsupported: ", std::strerror(err)));
+    fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
+    api = {};
+    api.api = UFFD_API;
+    api.features = kFeatures;
+    if (fd < 0 || ioctl(fd, UFFDIO_API, &api) != 0 || (api.features & kFeatures) != kFeatures) {
+      int err = errno;
+      if (fd >= 0) close(fd);
+      return absl::UnavailableError(
+          absl::StrCat("userfaultfd: UNMAP/REMOVE/REMAP events unsupported: ", std::strerror(err)));
+    }
   }
   fd_ = fd;
   std::thread([this] { ReaderLoop(); }).detach();
@@ -147,7 +162,7 @@ bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
   struct uffdio_register reg = {};
   reg.range.start = addr;
   reg.range.len = len;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  reg.mode = write_protect_mode_ ? UFFDIO_REGISTER_MODE_WP : UFFDIO_REGISTER_MODE_MISSING;
   if (ioctl(fd_, UFFDIO_REGISTER, &reg) != 0) {
     watch_failures_.fetch_add(1, std::memory_order_relaxed);
     return false;
@@ -158,6 +173,8 @@ bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
 void UffdMonitor::ReaderLoop() {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   struct uffd_msg msgs[32];
+  uintptr_t last_fault = 0;
+  int repeats = 0;
   while (true) {
     struct pollfd pfd = {fd_, POLLIN, 0};
     if (poll(&pfd, 1, -1) < 0) {
@@ -185,10 +202,11 @@ void UffdMonitor::ReaderLoop() {
           break;
         case UFFD_EVENT_REMOVE: {
           events_.fetch_add(1, std::memory_order_relaxed);
+          // The range stays watched: unregistering it here could race with a new mapping at the
+          // same address that a cache has just watched, and silence its unmap. Later faults on
+          // the dropped pages come to the reader, which serves zero pages as the kernel would.
           PublishMemoryEvent(m.arg.remove.start, m.arg.remove.end - m.arg.remove.start,
                              MemoryEventKind::kAdviseRemove, MemoryEventSource::kUffd);
-          struct uffdio_range r = {m.arg.remove.start, m.arg.remove.end - m.arg.remove.start};
-          ioctl(fd_, UFFDIO_UNREGISTER, &r);  // no longer cached; stop serving its faults
           break;
         }
         case UFFD_EVENT_REMAP:
@@ -197,13 +215,24 @@ void UffdMonitor::ReaderLoop() {
                              MemoryEventSource::kUffd);
           break;
         case UFFD_EVENT_PAGEFAULT: {
+          // Missing mode only. Livelock breaker: a fault that keeps failing with EAGAIN (the
+          // kernel populating a locked mapping that mremap is moving, which holds the descriptor's
+          // "mapping changing" count until the populate ends) gets its page unwatched.
           faults_.fetch_add(1, std::memory_order_relaxed);
           uintptr_t a = m.arg.pagefault.address & ~(page - 1);
           struct uffdio_zeropage z = {};
           z.range.start = a;
           z.range.len = page;
-          if (ioctl(fd_, UFFDIO_ZEROPAGE, &z) != 0 && errno != EEXIST) {
-            // Not anonymous memory: stop watching the page and let the kernel handle the fault.
+          int rc = ioctl(fd_, UFFDIO_ZEROPAGE, &z);
+          int err = rc != 0 ? errno : 0;
+          repeats = (err == EAGAIN && a == last_fault) ? repeats + 1 : 0;
+          last_fault = a;
+          if (err == EINVAL || repeats > 1000) {
+            // A memory type without zero pages (hugetlbfs), or the livelock above: stop watching
+            // the page and let the kernel handle the fault. Other errors are transient (EAGAIN
+            // while an unmap is under way, EEXIST when the page appeared, ENOENT when the mapping
+            // went): the faulting thread is woken and retries. Unregistering on those could
+            // silence the unmap of a new mapping at the same address.
             struct uffdio_range r = {a, page};
             ioctl(fd_, UFFDIO_UNREGISTER, &r);
           }

@@ -1,11 +1,14 @@
 // uffd_monitor.h: the userfaultfd source of memory events.
 //
 // One userfaultfd per process, with the UNMAP, REMOVE and REMAP events, and a reader thread. The
-// cache asks it to Watch the range of every region it registers (UFFDIO_REGISTER, missing mode:
-// the only mode that works on anonymous memory; the pages are pinned and present, so it costs no
-// faults). The kernel then reports, whoever makes the call (the application, glibc's malloc
-// calling __munmap directly, a sanitizer's allocator): munmap (UNMAP), madvise DONTNEED/REMOVE
-// (REMOVE), mremap (REMAP). The reader publishes each range (memory_events.h).
+// cache asks it to Watch the range of every region it registers (UFFDIO_REGISTER). A range must be
+// registered in some mode to get the events: write-protect mode where the kernel has it (Linux
+// 5.7 for anonymous memory, 5.19 for shared memory), in which no fault ever reaches the reader
+// since nothing is write-protected; missing mode otherwise, in which the pages are pinned and
+// present, so faults are rare (see Faults). The kernel then reports, whoever makes the call (the
+// application, glibc's malloc calling __munmap directly, a sanitizer's allocator): munmap (UNMAP),
+// madvise DONTNEED/REMOVE (REMOVE), mremap (REMAP). The reader publishes each range
+// (memory_events.h).
 //
 // Timing: for these events the kernel blocks the thread making the change until the reader has
 // read the message, and lets it go on as soon as it has; the reader publishes right after. So
@@ -14,8 +17,9 @@
 // on demand (RegistrationCache::Flush calls it).
 //
 // Faults: a watched page that was dropped (madvise DONTNEED) and is touched again raises a
-// missing-page fault that the reader resolves with the zero page, as the kernel would have;
-// after a REMOVE the reader also unregisters the range, so later faults never reach it.
+// missing-page fault that the reader resolves with the zero page, as the kernel would have. The
+// reader never unregisters a range on its own (a new mapping at the same address may have just
+// been watched by a cache), except a page whose memory type has no zero page.
 //
 // Unavailable (Start fails, with the reason) when the kernel lacks userfaultfd, when an
 // unprivileged process cannot use it (vm.unprivileged_userfaultfd = 0 and no UFFD_USER_MODE_ONLY),
@@ -55,6 +59,7 @@ class UffdMonitor {
   // Returns false if the marker cannot be set up or its event does not come within 5 s.
   bool Sync();
 
+  bool write_protect_mode() const { return write_protect_mode_; }
   uint64_t events() const { return events_.load(std::memory_order_relaxed); }
   uint64_t faults_served() const { return faults_.load(std::memory_order_relaxed); }
   uint64_t watch_failures() const { return watch_failures_.load(std::memory_order_relaxed); }
@@ -66,6 +71,7 @@ class UffdMonitor {
 
   static constexpr int kMarkers = 16;
   int fd_ = -1;
+  bool write_protect_mode_ = false;
   std::atomic<uintptr_t> markers_[kMarkers] = {};  // marker pages of Syncs in progress
   std::atomic<bool> marker_seen_[kMarkers] = {};
   std::atomic<uint64_t> events_{0};
