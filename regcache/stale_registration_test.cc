@@ -254,57 +254,70 @@ TEST_P(StaleRegistrationTest, ShmdtThenMapAgainRegistersNewPages) {
   munmap(q, len);
 }
 
-// brk moves the heap's end, which malloc also uses: run it in a child that does nothing else, and
-// report each step through the exit code.
-TEST_P(StaleRegistrationTest, HeapShrinkThroughBrkRegistersNewPages) {
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    PinRegistrar::Options po;
-    po.record_pages = true;
-    po.dont_fork = false;
-    PinRegistrar pin(po);
-    RegistrationCache::Options o;
-    o.memory_monitor = GetParam();
-    o.verify_pages = true;
-    auto c = RegistrationCache::Create(&pin, o);
-    if (!c.ok()) _exit(10);
-    auto& cache = *c;
-    const intptr_t len = static_cast<intptr_t>(16 * kPage);
-    {  // Warm up the cache's own allocations so malloc does not move the break below.
-      char* w = static_cast<char*>(
-          mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-      w[0] = 1;
-      auto r = cache->Acquire(w, kPage, kRw);
-      if (!r.ok()) _exit(11);
-    }
-    char* top = static_cast<char*>(sbrk(0));
-    char* top_aligned =
-        reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(top) + kPage - 1) & ~(kPage - 1));
-    if (sbrk(top_aligned - top + len) == reinterpret_cast<void*>(-1)) _exit(12);
-    std::memset(top_aligned, 'A', len);
-    uint64_t h1;
-    {
-      auto r = cache->Acquire(top_aligned, len, kRw);
-      if (!r.ok()) _exit(13);
-      h1 = r->registration().handle;
-    }
-    if (sbrk(0) != top_aligned + len) _exit(77);  // malloc moved the break: cannot test
-    if (sbrk(-len) == reinterpret_cast<void*>(-1)) _exit(14);
-    if (GetParam() == MemoryMonitorMode::kUffd) cache->Flush();
-    if (sbrk(len) == reinterpret_cast<void*>(-1)) _exit(15);
-    if (top_aligned[0] != 0) _exit(16);  // fresh heap pages are zero
-    std::memset(top_aligned, 'B', len);
-    auto r = cache->Acquire(top_aligned, len, kRw);
-    if (!r.ok()) _exit(r.status().code() == absl::StatusCode::kDataLoss ? 17 : 18);
-    if (r->registration().handle == h1) _exit(19);
-    _exit(0);
+// The brk scenario; returns 0 or the failed step (77: malloc moved the break meanwhile).
+int BrkScenario(MemoryMonitorMode mode) {
+  PinRegistrar::Options po;
+  po.record_pages = true;
+  po.dont_fork = false;
+  PinRegistrar pin(po);
+  RegistrationCache::Options o;
+  o.memory_monitor = mode;
+  o.verify_pages = true;
+  auto c = RegistrationCache::Create(&pin, o);
+  if (!c.ok()) return 10;
+  auto& cache = *c;
+  const intptr_t len = static_cast<intptr_t>(16 * kPage);
+  {  // Warm up the cache's own allocations so malloc does not move the break below.
+    char* w = static_cast<char*>(
+        mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    w[0] = 1;
+    auto r = cache->Acquire(w, kPage, kRw);
+    if (!r.ok()) return 11;
   }
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status)) << "child died, signal " << WTERMSIG(status);
-  if (WEXITSTATUS(status) == 77) GTEST_SKIP() << "malloc moved the break during the test";
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "child step failed (exit code = step in the test)";
+  char* top = static_cast<char*>(sbrk(0));
+  char* top_aligned =
+      reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(top) + kPage - 1) & ~(kPage - 1));
+  if (sbrk(top_aligned - top + len) == reinterpret_cast<void*>(-1)) return 12;
+  std::memset(top_aligned, 'A', len);
+  uint64_t h1;
+  {
+    auto r = cache->Acquire(top_aligned, len, kRw);
+    if (!r.ok()) return 13;
+    h1 = r->registration().handle;
+  }
+  if (sbrk(0) != top_aligned + len) return 77;
+  if (sbrk(-len) == reinterpret_cast<void*>(-1)) return 14;
+  if (mode == MemoryMonitorMode::kUffd) cache->Flush();
+  if (sbrk(len) == reinterpret_cast<void*>(-1)) return 15;
+  if (top_aligned[0] != 0) return 16;  // fresh heap pages are zero
+  std::memset(top_aligned, 'B', len);
+  auto r = cache->Acquire(top_aligned, len, kRw);
+  if (!r.ok()) return r.status().code() == absl::StatusCode::kDataLoss ? 17 : 18;
+  if (r->registration().handle == h1) return 19;
+  r->Reset();
+  cache.reset();
+  sbrk(-(top_aligned - top + len));  // give the heap back as it was
+  return 0;
+}
+
+// brk moves the heap's end, which glibc's malloc also moves: run the scenario in a child that does
+// nothing else. Under the sanitizers malloc never uses brk, and ThreadSanitizer cannot start
+// threads in the child of a threaded process, so the scenario runs in this process there.
+TEST_P(StaleRegistrationTest, HeapShrinkThroughBrkRegistersNewPages) {
+  int code;
+  if (kSanitizerAllocator) {
+    code = BrkScenario(GetParam());
+  } else {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) _exit(BrkScenario(GetParam()));
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status)) << "child died, signal " << WTERMSIG(status);
+    code = WEXITSTATUS(status);
+  }
+  if (code == 77) GTEST_SKIP() << "malloc moved the break during the test";
+  EXPECT_EQ(code, 0) << "step failed (the code names the step in BrkScenario)";
 }
 
 // malloc/free of blocks above the mmap threshold, again and again: freed blocks come back at the
