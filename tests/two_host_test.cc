@@ -1,0 +1,367 @@
+// two_host_test.cc: the data path across two hosts, emulated by two network namespaces joined by a
+// veth pair. A target runs in one namespace and an initiator in the other, over libfabric's tcp
+// provider; the initiator reads the target's data and writes its own at several sizes up to 4 MiB,
+// and both sides verify the bytes.
+//
+// Setup: namespaces "sanreg_2h_a_<pid>" and "sanreg_2h_b_<pid>", a veth pair between them with the
+// link-local addresses kAddrA/kAddrB (a /30 of 169.254.0.0/16: nothing outside the namespaces
+// sees them). TearDown deletes both namespaces (which deletes the veth pair), also after a failure.
+// Each side is a child forked from the (still single-threaded) test process that setns(2)s into its
+// namespace before it opens a fabric; the two children talk over pipes for the out-of-band bits
+// (the target's port, its region descriptor, "done"). The only route between the namespaces is
+// the veth pair, so the data crosses it; the test also checks the link's byte counters.
+//
+// Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and iproute2's `ip`: skipped with a message otherwise.
+// Bounded: every pipe read and the wait for the children have deadlines; a stuck child is killed.
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "datapath/endpoint.h"
+#include "datapath/fabric.h"
+#include "datapath/internal/test_util.h"
+#include "regcache/pin_registrar.h"
+
+namespace sanreg {
+namespace {
+
+using testing::Buffer;
+
+constexpr const char* kAddrA = "169.254.77.1";  // the target's namespace
+constexpr const char* kAddrB = "169.254.77.2";  // the initiator's namespace
+constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
+constexpr size_t kHalf = 4 << 20;     // the target's region: [0, kHalf) its data, then ours
+constexpr size_t kRegion = 2 * kHalf;
+constexpr uint32_t kTargetSeed = 7;
+constexpr uint32_t kFinalSeed = 99;
+constexpr absl::Duration kStepTimeout = absl::Seconds(30);
+constexpr absl::Duration kChildTimeout = absl::Seconds(90);
+
+// Runs `cmd` through the shell; returns its exit status and, in `out`, what it printed.
+int Shell(const std::string& cmd, std::string* out = nullptr) {
+  FILE* f = popen((cmd + " 2>&1").c_str(), "r");
+  if (f == nullptr) return -1;
+  char buf[512];
+  std::string text;
+  while (fgets(buf, sizeof buf, f) != nullptr) text += buf;
+  int st = pclose(f);
+  if (out != nullptr) *out = text;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// Reads exactly `n` bytes from `fd` within `timeout`; false on EOF, error or timeout.
+bool ReadFull(int fd, void* p, size_t n, absl::Duration timeout = kStepTimeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  char* c = static_cast<char*>(p);
+  while (n > 0) {
+    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (ms <= 0) return false;
+    pollfd pfd = {fd, POLLIN, 0};
+    int r = poll(&pfd, 1, static_cast<int>(ms));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    ssize_t got = read(fd, c, n);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;
+    c += got;
+    n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+bool WriteFull(int fd, const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  while (n > 0) {
+    ssize_t w = write(fd, c, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    c += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+// In a child: moves into the network namespace `ns`. Exits 10 when it cannot.
+void EnterNamespace(const std::string& ns) {
+  int fd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
+    fprintf(stderr, "setns(%s): %s\n", ns.c_str(), strerror(errno));
+    _exit(10);
+  }
+  close(fd);
+}
+
+#define CHILD_CHECK(cond, code, ...)                   \
+  do {                                                 \
+    if (!(cond)) {                                     \
+      fprintf(stderr, "[%s] ", role);                  \
+      fprintf(stderr, __VA_ARGS__);                    \
+      fprintf(stderr, " (exit %d)\n", code);           \
+      _exit(code);                                     \
+    }                                                  \
+  } while (0)
+
+// The target, in namespace `ns`: listens on kAddrA, sends its port up `out`, accepts, exposes a
+// kRegion region whose first half holds pattern kTargetSeed, sends the descriptor, waits for the
+// initiator's "done", then checks that the second half holds pattern kFinalSeed.
+[[noreturn]] void RunTarget(const std::string& ns, int in, int out) {
+  const char* role = "target";
+  EnterNamespace(ns);
+  FabricOptions o;
+  o.provider = "tcp";
+  o.apply_env = false;
+  auto fabric = Fabric::Open(o);
+  CHILD_CHECK(fabric.ok(), 20, "Fabric::Open: %s", fabric.status().ToString().c_str());
+  PinRegistrar pin;
+  auto reg = (*fabric)->NewRegistrar(&pin);
+  auto buf = Buffer::Make(reg.get(), kRegion, kLocal | kAccessRemoteRead | kAccessRemoteWrite);
+  CHILD_CHECK(buf.ok(), 21, "Buffer::Make: %s", buf.status().ToString().c_str());
+  (*buf)->Fill(kTargetSeed);
+  std::memset((*buf)->data() + kHalf, 0, kHalf);
+  auto listener = (*fabric)->Listen(absl::StrCat(kAddrA, ":0"));
+  CHILD_CHECK(listener.ok(), 22, "Listen: %s", listener.status().ToString().c_str());
+  uint16_t port = (*listener)->port();
+  CHILD_CHECK(WriteFull(out, &port, sizeof port), 23, "sending the port");
+  auto ep = (*listener)->Accept();
+  CHILD_CHECK(ep.ok(), 24, "Accept: %s", ep.status().ToString().c_str());
+  auto region = (*ep)->Expose((*buf)->reg(), (*buf)->data(), kRegion,
+                              kAccessRemoteRead | kAccessRemoteWrite);
+  CHILD_CHECK(region.ok(), 25, "Expose: %s", region.status().ToString().c_str());
+  std::array<uint8_t, RemoteRegion::kWireSize> wire;
+  CHILD_CHECK(region->Serialize(wire).ok() && WriteFull(out, wire.data(), wire.size()), 26,
+              "sending the descriptor");
+  char done = 0;
+  CHILD_CHECK(ReadFull(in, &done, 1, kChildTimeout) && done == 'D', 27,
+              "no 'done' from the initiator");
+  for (size_t i = 0; i < kHalf; ++i) {
+    CHILD_CHECK((*buf)->data()[kHalf + i] == Buffer::Pattern(kFinalSeed, i), 28,
+                "byte %zu of the initiator's final write is wrong", i);
+  }
+  for (size_t i = 0; i < kHalf; ++i) {
+    CHILD_CHECK((*buf)->data()[i] == Buffer::Pattern(kTargetSeed, i), 29,
+                "byte %zu of the target's own half changed", i);
+  }
+  (*ep)->Close();
+  _exit(0);
+}
+
+// The initiator, in namespace `ns`: connects to the target across the veth pair, reads and
+// verifies the target's half at several sizes and offsets, writes its own data into the other
+// half and reads it back, then writes pattern kFinalSeed over that half and says "done".
+[[noreturn]] void RunInitiator(const std::string& ns, int in, int out) {
+  const char* role = "initiator";
+  EnterNamespace(ns);
+  uint16_t port = 0;
+  CHILD_CHECK(ReadFull(in, &port, sizeof port), 30, "no port from the target");
+  FabricOptions o;
+  o.provider = "tcp";
+  o.apply_env = false;
+  auto fabric = Fabric::Open(o);
+  CHILD_CHECK(fabric.ok(), 31, "Fabric::Open: %s", fabric.status().ToString().c_str());
+  PinRegistrar pin;
+  auto reg = (*fabric)->NewRegistrar(&pin);
+  auto ep = (*fabric)->Connect(absl::StrCat(kAddrA, ":", port));
+  CHILD_CHECK(ep.ok(), 32, "Connect: %s", ep.status().ToString().c_str());
+  std::array<uint8_t, RemoteRegion::kWireSize> wire;
+  CHILD_CHECK(ReadFull(in, wire.data(), wire.size()), 33, "no descriptor from the target");
+  auto region = RemoteRegion::Parse(wire);
+  CHILD_CHECK(region.ok(), 34, "Parse: %s", region.status().ToString().c_str());
+  CHILD_CHECK(region->connection == (*ep)->connection_id(), 35, "descriptor of another connection");
+  auto local = Buffer::Make(reg.get(), kHalf, kLocal);
+  CHILD_CHECK(local.ok(), 36, "Buffer::Make: %s", local.status().ToString().c_str());
+
+  auto wait = [&](Completion& c, const char* what, size_t n) {
+    c.Wait();
+    CHILD_CHECK(c.status().ok(), 37, "%s of %zu bytes: %s", what, n,
+                c.status().ToString().c_str());
+  };
+  for (size_t n : {size_t{1}, size_t{4096}, size_t{65537}, size_t{1} << 20, kHalf}) {
+    // Read: the target's pattern, from an offset that ends the read at the end of its half.
+    const size_t from = kHalf - n;
+    std::memset((*local)->data(), 0, kHalf);
+    Sge s = (*local)->sge(0, n);
+    Completion r;
+    CHILD_CHECK((*ep)->Read({&s, 1}, *region, from, &r).ok(), 38, "posting a read");
+    wait(r, "read", n);
+    for (size_t i = 0; i < n; ++i) {
+      CHILD_CHECK((*local)->data()[i] == Buffer::Pattern(kTargetSeed, from + i), 39,
+                  "read of %zu: byte %zu wrong", n, i);
+    }
+    // Write ours into the second half, then read it back.
+    (*local)->Fill(static_cast<uint32_t>(n));
+    Completion w;
+    CHILD_CHECK((*ep)->Write({&s, 1}, *region, kHalf, &w).ok(), 40, "posting a write");
+    wait(w, "write", n);
+    std::memset((*local)->data(), 0, n);
+    Completion back;
+    CHILD_CHECK((*ep)->Read({&s, 1}, *region, kHalf, &back).ok(), 41, "posting a read-back");
+    wait(back, "read-back", n);
+    for (size_t i = 0; i < n; ++i) {
+      CHILD_CHECK((*local)->data()[i] == Buffer::Pattern(static_cast<uint32_t>(n), i), 42,
+                  "read-back of %zu: byte %zu wrong", n, i);
+    }
+  }
+  // A scatter-gather write of the whole second half, in four pieces; the target checks it.
+  (*local)->Fill(kFinalSeed);
+  const size_t q = kHalf / 4;
+  Sge sg[4] = {(*local)->sge(0, q), (*local)->sge(q, q), (*local)->sge(2 * q, q),
+               (*local)->sge(3 * q, q)};
+  Completion w;
+  CHILD_CHECK((*ep)->Write(sg, *region, kHalf, &w).ok(), 43, "posting the final write");
+  wait(w, "final write", kHalf);
+  const char done = 'D';
+  CHILD_CHECK(WriteFull(out, &done, 1), 44, "sending 'done'");
+  (*ep)->Close();
+  _exit(0);
+}
+
+class TwoHostTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";
+    if (Shell("command -v ip") != 0) {
+      GTEST_SKIP() << "iproute2's `ip` is missing (tools/setup.sh installs it)";
+    }
+    const std::string pid = std::to_string(getpid());
+    ns_a_ = "sanreg_2h_a_" + pid;
+    ns_b_ = "sanreg_2h_b_" + pid;
+    veth_a_ = "sr2ha" + pid;  // interface names: at most 15 bytes
+    veth_b_ = "sr2hb" + pid;
+    std::string out;
+    if (Shell("ip netns add " + ns_a_, &out) != 0) {
+      GTEST_SKIP() << "cannot create a network namespace here (" << out << ")";
+    }
+    created_a_ = true;
+    ASSERT_EQ(Shell("ip netns add " + ns_b_, &out), 0) << out;
+    created_b_ = true;
+    if (Shell("ip link add " + veth_a_ + " netns " + ns_a_ + " type veth peer name " + veth_b_ +
+                  " netns " + ns_b_,
+              &out) != 0) {
+      GTEST_SKIP() << "cannot create a veth pair here (" << out << ")";
+    }
+    for (const auto& [ns, dev, addr] : {std::tuple{ns_a_, veth_a_, kAddrA},
+                                        std::tuple{ns_b_, veth_b_, kAddrB}}) {
+      ASSERT_EQ(Shell("ip -n " + ns + " link set lo up", &out), 0) << out;
+      ASSERT_EQ(Shell(absl::StrCat("ip -n ", ns, " addr add ", addr, "/30 dev ", dev), &out), 0)
+          << out;
+      ASSERT_EQ(Shell("ip -n " + ns + " link set " + dev + " up", &out), 0) << out;
+    }
+  }
+
+  void TearDown() override {
+    for (pid_t& p : children_) {
+      if (p > 0) {
+        kill(p, SIGKILL);
+        waitpid(p, nullptr, 0);
+        p = 0;
+      }
+    }
+    // Deleting a namespace deletes the veth end in it, and with it the pair.
+    if (created_a_) EXPECT_EQ(Shell("ip netns del " + ns_a_), 0);
+    if (created_b_) EXPECT_EQ(Shell("ip netns del " + ns_b_), 0);
+  }
+
+  // Bytes the veth end in `ns` has received.
+  uint64_t RxBytes(const std::string& ns, const std::string& dev) {
+    std::string out;
+    if (Shell("ip netns exec " + ns + " cat /sys/class/net/" + dev + "/statistics/rx_bytes",
+              &out) != 0) {
+      return 0;
+    }
+    uint64_t v = 0;
+    return absl::SimpleAtoi(absl::StripAsciiWhitespace(out), &v) ? v : 0;
+  }
+
+  // Waits for child `i` until `deadline`; returns its wait status, or kills it and returns -1.
+  int Reap(int i, absl::Time deadline) {
+    pid_t p = children_[i];
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, p, 0));
+    if (pidfd >= 0) {
+      for (;;) {
+        const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+        pollfd pfd = {pidfd, POLLIN, 0};
+        int r = ms > 0 ? poll(&pfd, 1, static_cast<int>(ms)) : 0;
+        if (r < 0 && errno == EINTR) continue;
+        break;
+      }
+      close(pidfd);
+    }
+    int status = 0;
+    pid_t got = waitpid(p, &status, WNOHANG);
+    if (got != p) {
+      kill(p, SIGKILL);
+      waitpid(p, nullptr, 0);
+      children_[i] = 0;
+      return -1;
+    }
+    children_[i] = 0;
+    return status;
+  }
+
+  std::string ns_a_, ns_b_, veth_a_, veth_b_;
+  bool created_a_ = false, created_b_ = false;
+  pid_t children_[2] = {0, 0};
+};
+
+std::string Describe(int status) {
+  if (status == -1) return "timed out (killed)";
+  if (WIFEXITED(status)) return absl::StrCat("exit code ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return absl::StrCat("signal ", WTERMSIG(status));
+  return "unknown";
+}
+
+TEST_F(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
+  const uint64_t rx_before = RxBytes(ns_a_, veth_a_) + RxBytes(ns_b_, veth_b_);
+  int t2i[2], i2t[2];  // target -> initiator, initiator -> target
+  ASSERT_EQ(pipe2(t2i, O_CLOEXEC), 0);
+  ASSERT_EQ(pipe2(i2t, O_CLOEXEC), 0);
+  fflush(nullptr);
+  // This process has started no thread (it opens no fabric): fork is safe.
+  children_[0] = fork();
+  ASSERT_GE(children_[0], 0);
+  if (children_[0] == 0) {
+    close(t2i[0]);
+    close(i2t[1]);
+    RunTarget(ns_a_, i2t[0], t2i[1]);
+  }
+  children_[1] = fork();
+  ASSERT_GE(children_[1], 0);
+  if (children_[1] == 0) {
+    close(t2i[1]);
+    close(i2t[0]);
+    RunInitiator(ns_b_, t2i[0], i2t[1]);
+  }
+  for (int fd : {t2i[0], t2i[1], i2t[0], i2t[1]}) close(fd);
+
+  const absl::Time deadline = absl::Now() + kChildTimeout;
+  const int initiator = Reap(1, deadline);
+  const int target = Reap(0, deadline);
+  EXPECT_TRUE(WIFEXITED(initiator) && WEXITSTATUS(initiator) == 0 && initiator != -1)
+      << "initiator: " << Describe(initiator) << " (its stderr says where)";
+  EXPECT_TRUE(WIFEXITED(target) && WEXITSTATUS(target) == 0 && target != -1)
+      << "target: " << Describe(target) << " (its stderr says where)";
+  // Reads (and read-backs) of 10.1 MiB and writes of 9.1 MiB crossed the link, plus headers.
+  const uint64_t rx_after = RxBytes(ns_a_, veth_a_) + RxBytes(ns_b_, veth_b_);
+  EXPECT_GE(rx_after - rx_before, uint64_t{19} << 20) << "the data did not cross the veth pair";
+}
+
+}  // namespace
+}  // namespace sanreg
