@@ -102,6 +102,9 @@ class Endpoint {
   absl::Status health() const;
   // Shared by both ends of the connection; stamped into the descriptors it exposes.
   uint64_t connection_id() const;
+  // The libfabric provider this connection runs on ("tcp;ofi_rxm", "shm"): with "auto" it
+  // depends on where the peer is (see fabric.h).
+  const std::string& provider_name() const;
   size_t max_in_flight() const;
   // Operations posted to the provider or queued, not yet completed.
   size_t pending() const;

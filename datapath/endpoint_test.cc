@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "datapath/fabric.h"
@@ -279,8 +281,75 @@ TEST_P(EndpointTest, LocalCloseCancelsQueuedOperations) {
             absl::StatusCode::kCancelled);
 }
 
-INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest, ::testing::Values("tcp", "shm"),
+// "auto" between two fabrics of this process: the pair connects over loopback, so it runs shm with
+// the registrations made in both of each fabric's domains.
+INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest, ::testing::Values("tcp", "shm", "auto"),
                          [](const auto& info) { return std::string(info.param); });
+
+// "auto" picks shm for a peer on this host, and tcp when the listener runs only tcp.
+TEST(AutoProviderTest, PicksShmForALocalPeerAndFallsBackToTcp) {
+  FabricOptions o;
+  o.provider = "auto";
+  o.apply_env = false;
+  auto a = Fabric::Open(o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = Fabric::Open(o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_NE((*a)->provider_name().find("tcp"), std::string::npos);
+  auto l = (*b)->Listen("127.0.0.1:0");
+  ASSERT_TRUE(l.ok()) << l.status();
+  absl::StatusOr<std::unique_ptr<Endpoint>> accepted;
+  std::thread t([&] { accepted = (*l)->Accept(); });
+  auto connected = (*a)->Connect((*l)->address());
+  t.join();
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  EXPECT_EQ((*connected)->provider_name(), "shm");
+  EXPECT_EQ((*accepted)->provider_name(), "shm");
+  connected->reset();
+  accepted->reset();
+
+  // A tcp-only listener on this host: the shm attempt is refused, the retry runs tcp.
+  FabricOptions tcp = o;
+  tcp.provider = "tcp";
+  auto c = Fabric::Open(tcp);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto lt = (*c)->Listen("127.0.0.1:0");
+  ASSERT_TRUE(lt.ok()) << lt.status();
+  absl::Status first;
+  absl::StatusOr<std::unique_ptr<Endpoint>> second;
+  std::thread t2([&] {
+    first = (*lt)->Accept().status();
+    second = (*lt)->Accept();
+  });
+  auto fallback = (*a)->Connect((*lt)->address());
+  t2.join();
+  EXPECT_EQ(first.code(), absl::StatusCode::kFailedPrecondition) << first;
+  ASSERT_TRUE(fallback.ok()) << fallback.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_NE((*fallback)->provider_name().find("tcp"), std::string::npos);
+
+  // Data moves on the fallback connection with the auto fabric's registrations.
+  PinRegistrar pin;
+  auto areg = (*a)->NewRegistrar(&pin);
+  auto creg = (*c)->NewRegistrar(&pin);
+  auto src = Buffer::Make(areg.get(), 65536, kLocal);
+  auto tgt = Buffer::Make(creg.get(), 65536, kLocal | kRemoteRw);
+  ASSERT_TRUE(src.ok() && tgt.ok());
+  (*src)->Fill(5);
+  auto region = (*second)->Expose((*tgt)->reg(), (*tgt)->data(), 65536, kRemoteRw);
+  ASSERT_TRUE(region.ok()) << region.status();
+  Completion w;
+  Sge s = (*src)->sge();
+  ASSERT_TRUE((*fallback)->Write({&s, 1}, *region, 0, &w).ok());
+  w.Wait();
+  ASSERT_TRUE(w.status().ok()) << w.status();
+  EXPECT_EQ(std::memcmp((*tgt)->data(), (*src)->data(), 65536), 0);
+  fallback->reset();
+  second->reset();
+  src->reset();
+  tgt->reset();
+}
 
 }  // namespace
 }  // namespace sanreg

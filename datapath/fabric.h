@@ -8,7 +8,13 @@
 // between polls (up to FabricOptions::idle_poll), so an idle fabric burns no core.
 //
 // Providers: "tcp" (libfabric's tcp under ofi_rxm, FI_EP_RDM), "shm" (same host only, FI_EP_RDM),
-// "auto" (today: tcp, which reaches every peer; per-peer choice of shm is not done yet).
+// "auto": per connection, shm when the peer is on this host (Connect to 0.0.0.0, 127.0.0.0/8 or an
+// address of one of this host's interfaces) and shm opens here, else tcp. An "auto" fabric holds
+// both domains: its registrar registers every range in each (the keys differ per domain; Expose
+// hands out the one of the connection's domain), its listener accepts peers of either provider, and
+// each domain has its own progress thread. Connect over shm falls back to tcp when the listener
+// answers that it does not run shm. provider_name() is the tcp one; Endpoint::provider_name() says
+// which one a connection uses.
 // Every endpoint is FI_EP_RDM with its own address vector, completion queue and a plain TCP socket
 // for the address exchange, which then serves as the liveness channel of the connection.
 //

@@ -3,6 +3,8 @@
 // provider; the initiator reads the target's data and writes its own at several sizes up to 4 MiB,
 // and both sides verify the bytes.
 //
+// Providers: "tcp", and "auto", which must pick tcp for a peer that is not on this host.
+//
 // Setup: namespaces "sanreg_2h_a_<pid>" and "sanreg_2h_b_<pid>", a veth pair between them with the
 // link-local addresses kAddrA/kAddrB (a /30 of 169.254.0.0/16: nothing outside the namespaces
 // sees them). TearDown deletes both namespaces (which deletes the veth pair), also after a failure.
@@ -122,11 +124,11 @@ void EnterNamespace(const std::string& ns) {
 // The target, in namespace `ns`: listens on kAddrA, sends its port up `out`, accepts, exposes a
 // kRegion region whose first half holds pattern kTargetSeed, sends the descriptor, waits for the
 // initiator's "done", then checks that the second half holds pattern kFinalSeed.
-[[noreturn]] void RunTarget(const std::string& ns, int in, int out) {
+[[noreturn]] void RunTarget(const std::string& provider, const std::string& ns, int in, int out) {
   const char* role = "target";
   EnterNamespace(ns);
   FabricOptions o;
-  o.provider = "tcp";
+  o.provider = provider;
   o.apply_env = false;
   auto fabric = Fabric::Open(o);
   CHILD_CHECK(fabric.ok(), 20, "Fabric::Open: %s", fabric.status().ToString().c_str());
@@ -166,13 +168,14 @@ void EnterNamespace(const std::string& ns) {
 // The initiator, in namespace `ns`: connects to the target across the veth pair, reads and
 // verifies the target's half at several sizes and offsets, writes its own data into the other
 // half and reads it back, then writes pattern kFinalSeed over that half and says "done".
-[[noreturn]] void RunInitiator(const std::string& ns, int in, int out) {
+[[noreturn]] void RunInitiator(const std::string& provider, const std::string& ns, int in,
+                              int out) {
   const char* role = "initiator";
   EnterNamespace(ns);
   uint16_t port = 0;
   CHILD_CHECK(ReadFull(in, &port, sizeof port), 30, "no port from the target");
   FabricOptions o;
-  o.provider = "tcp";
+  o.provider = provider;
   o.apply_env = false;
   auto fabric = Fabric::Open(o);
   CHILD_CHECK(fabric.ok(), 31, "Fabric::Open: %s", fabric.status().ToString().c_str());
@@ -180,6 +183,9 @@ void EnterNamespace(const std::string& ns) {
   auto reg = (*fabric)->NewRegistrar(&pin);
   auto ep = (*fabric)->Connect(absl::StrCat(kAddrA, ":", port));
   CHILD_CHECK(ep.ok(), 32, "Connect: %s", ep.status().ToString().c_str());
+  // The peer is another host: "auto" must have picked tcp, too.
+  CHILD_CHECK((*ep)->provider_name().find("tcp") != std::string::npos, 45,
+              "connected over %s, not tcp", (*ep)->provider_name().c_str());
   std::array<uint8_t, RemoteRegion::kWireSize> wire;
   CHILD_CHECK(ReadFull(in, wire.data(), wire.size()), 33, "no descriptor from the target");
   auto region = RemoteRegion::Parse(wire);
@@ -233,7 +239,7 @@ void EnterNamespace(const std::string& ns) {
   _exit(0);
 }
 
-class TwoHostTest : public ::testing::Test {
+class TwoHostTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
     if (geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";
@@ -328,7 +334,7 @@ std::string Describe(int status) {
   return "unknown";
 }
 
-TEST_F(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
+TEST_P(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
   const uint64_t rx_before = RxBytes(ns_a_, veth_a_) + RxBytes(ns_b_, veth_b_);
   int t2i[2], i2t[2];  // target -> initiator, initiator -> target
   ASSERT_EQ(pipe2(t2i, O_CLOEXEC), 0);
@@ -340,14 +346,14 @@ TEST_F(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
   if (children_[0] == 0) {
     close(t2i[0]);
     close(i2t[1]);
-    RunTarget(ns_a_, i2t[0], t2i[1]);
+    RunTarget(GetParam(), ns_a_, i2t[0], t2i[1]);
   }
   children_[1] = fork();
   ASSERT_GE(children_[1], 0);
   if (children_[1] == 0) {
     close(t2i[1]);
     close(i2t[0]);
-    RunInitiator(ns_b_, t2i[0], i2t[1]);
+    RunInitiator(GetParam(), ns_b_, t2i[0], i2t[1]);
   }
   for (int fd : {t2i[0], t2i[1], i2t[0], i2t[1]}) close(fd);
 
@@ -362,6 +368,10 @@ TEST_F(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
   const uint64_t rx_after = RxBytes(ns_a_, veth_a_) + RxBytes(ns_b_, veth_b_);
   EXPECT_GE(rx_after - rx_before, uint64_t{19} << 20) << "the data did not cross the veth pair";
 }
+
+// "auto" sees a peer that is not on this host and must run tcp.
+INSTANTIATE_TEST_SUITE_P(Providers, TwoHostTest, ::testing::Values("tcp", "auto"),
+                         [](const auto& info) { return std::string(info.param); });
 
 }  // namespace
 }  // namespace sanreg

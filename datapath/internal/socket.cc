@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -34,6 +35,21 @@ absl::Status WaitFor(int fd, short events, absl::Time deadline) {
 }
 
 }  // namespace
+
+bool IsLocalAddress(const sockaddr_in& addr) {
+  const uint32_t a = ntohl(addr.sin_addr.s_addr);
+  if (a == INADDR_ANY || (a >> 24) == 127) return true;
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return false;
+  bool found = false;
+  for (ifaddrs* i = list; i != nullptr && !found; i = i->ifa_next) {
+    if (i->ifa_addr == nullptr || i->ifa_addr->sa_family != AF_INET) continue;
+    found = reinterpret_cast<const sockaddr_in*>(i->ifa_addr)->sin_addr.s_addr ==
+            addr.sin_addr.s_addr;
+  }
+  freeifaddrs(list);
+  return found;
+}
 
 absl::StatusOr<sockaddr_in> ParseHostPort(absl::string_view host_port) {
   size_t colon = host_port.rfind(':');

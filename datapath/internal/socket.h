@@ -23,6 +23,10 @@ namespace sanreg::internal {
 absl::StatusOr<sockaddr_in> ParseHostPort(absl::string_view host_port);
 std::string FormatHostPort(const sockaddr_in& a);
 
+// True when `addr` is this host: 0.0.0.0, 127.0.0.0/8, or an IPv4 address of one of its
+// interfaces (in this network namespace).
+bool IsLocalAddress(const sockaddr_in& addr);
+
 // A listening socket bound to `addr`. Returns the descriptor.
 absl::StatusOr<int> ListenOn(const sockaddr_in& addr);
 // A socket connected to `addr` within `timeout`.

@@ -49,13 +49,21 @@ int64_t NowCoarseNs();
 // Maps a libfabric error number (positive) to a status code.
 absl::Status FiError(const char* what, int err);
 
+// What Registration::handle points to for the libfabric registrar: the provider registration,
+// the one in the "auto" fabric's shm domain (null when it has none), and the pin under both.
+struct MrRecord {
+  fid_mr* mr;
+  fid_mr* local_mr;
+  Registration pin;
+};
+
 class FabricCore {
  public:
   FabricCore() = default;
   ~FabricCore();  // stops the progress thread, closes the domain
 
   absl::Status Open(const FabricOptions& options);  // setup.cc
-  void StartProgress();
+  void StartProgress();  // also local_'s
   // Finds out whether this domain, as an RMA target, takes virtual addresses or offsets.
   absl::StatusOr<bool> ProbeVirtAddr();
 
@@ -78,6 +86,12 @@ class FabricCore {
   bool remote_read_always_ = false;  // the provider makes every registration remotely readable
   size_t iov_limit_ = 1;
   size_t max_in_flight_ = 1;
+  // "auto": the shm core that serves peers on this host (null when shm does not open). It shares
+  // the registrar (each registration is made in both domains) but has its own domain, endpoints
+  // and progress thread. `is_local_` marks that core: its endpoints find their local descriptors
+  // and remote keys in MrRecord::local_mr.
+  std::unique_ptr<FabricCore> local_;
+  bool is_local_ = false;
 
  private:
   void ProgressLoop();  // data_path.cc

@@ -140,7 +140,9 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     total += e.length;
     c->iov_[i].iov_base = e.addr;
     c->iov_[i].iov_len = e.length;
-    c->desc_[i] = reinterpret_cast<void*>(e.reg->local_key);
+    c->desc_[i] = fabric_->is_local_
+                      ? fi_mr_desc(reinterpret_cast<const MrRecord*>(e.reg->handle)->local_mr)
+                      : reinterpret_cast<void*>(e.reg->local_key);
   }
   if (r.connection != id_) {
     return absl::PermissionDeniedError("descriptor was exposed on another connection");

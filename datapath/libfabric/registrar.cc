@@ -12,12 +12,6 @@ namespace sanreg {
 namespace internal {
 namespace {
 
-// What Registration::handle points to: the provider registration and the pin under it.
-struct MrRecord {
-  fid_mr* mr;
-  Registration pin;
-};
-
 // Requested keys collide rarely (64 random bits); a provider answers -FI_ENOKEY, and we draw again.
 constexpr int kKeyAttempts = 8;
 
@@ -38,20 +32,18 @@ class LibfabricRegistrar : public Registrar {
     if (access & kAccessRemoteWrite) fi_access |= FI_REMOTE_WRITE;
     const bool remote = (access & (kAccessRemoteRead | kAccessRemoteWrite)) != 0;
     fid_mr* mr = nullptr;
-    int rc = -FI_ENOKEY;
-    for (int attempt = 0; attempt < kKeyAttempts && rc == -FI_ENOKEY; ++attempt) {
-      // Where the provider takes requested keys, the key is the only secret a peer needs to reach
-      // the region: draw it at random so it cannot be guessed.
-      uint64_t key = fabric_->prov_key_ ? 0 : RandomU64();
-      rc = fi_mr_reg(fabric_->domain_, reinterpret_cast<void*>(addr), length, fi_access, 0, key, 0,
-                     &mr, nullptr);
+    int rc = RegisterIn(fabric_, addr, length, fi_access, &mr);
+    fid_mr* local_mr = nullptr;
+    if (rc == 0 && fabric_->local_ != nullptr) {
+      rc = RegisterIn(fabric_->local_.get(), addr, length, fi_access, &local_mr);
+      if (rc != 0) fi_close(&mr->fid);
     }
     if (rc != 0) {
       (void)pinner_->Deregister(*pin);
       if (rc == -FI_ENOKEY) return absl::ResourceExhaustedError("fi_mr_reg: no free key");
       return FiError("fi_mr_reg", -rc);
     }
-    auto* rec = new MrRecord{mr, *pin};
+    auto* rec = new MrRecord{mr, local_mr, *pin};
     Registration out;
     out.addr = addr;
     out.length = length;
@@ -68,6 +60,10 @@ class LibfabricRegistrar : public Registrar {
     // Closing the provider registration revokes the key: accesses that arrive afterwards are
     // refused by the target's provider.
     int rc = fi_close(&rec->mr->fid);
+    if (rec->local_mr != nullptr) {
+      int lrc = fi_close(&rec->local_mr->fid);
+      if (rc == 0) rc = lrc;
+    }
     absl::Status s = pinner_->Deregister(rec->pin);
     delete rec;
     if (rc != 0) return FiError("fi_close(mr)", -rc);
@@ -75,6 +71,20 @@ class LibfabricRegistrar : public Registrar {
   }
 
  private:
+  // Registers the range in `core`'s domain. Returns 0 or a negative fi error.
+  static int RegisterIn(FabricCore* core, uintptr_t addr, size_t length, uint64_t fi_access,
+                        fid_mr** mr) {
+    int rc = -FI_ENOKEY;
+    for (int attempt = 0; attempt < kKeyAttempts && rc == -FI_ENOKEY; ++attempt) {
+      // Where the provider takes requested keys, the key is the only secret a peer needs to reach
+      // the region: draw it at random so it cannot be guessed.
+      uint64_t key = core->prov_key_ ? 0 : RandomU64();
+      rc = fi_mr_reg(core->domain_, reinterpret_cast<void*>(addr), length, fi_access, 0, key, 0,
+                     mr, nullptr);
+    }
+    return rc;
+  }
+
   FabricCore* const fabric_;
   Registrar* const pinner_;
 };

@@ -210,6 +210,19 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   }
   wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) return absl::InternalError(absl::StrCat("eventfd: ", strerror(errno)));
+  if (options_.provider == "auto") {
+    // Peers on this host go over shm when it opens here; the rest over tcp (this core).
+    FabricOptions local_options = options_;
+    local_options.provider = "shm";
+    local_options.apply_env = false;
+    local_ = std::make_unique<FabricCore>();
+    if (local_->Open(local_options).ok()) {
+      local_->is_local_ = true;
+      local_->options_.provider = "auto";
+    } else {
+      local_.reset();
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -314,6 +327,7 @@ absl::StatusOr<bool> FabricCore::ProbeVirtAddr() {
 
 void FabricCore::StartProgress() {
   progress_ = std::thread([this] { ProgressLoop(); });
+  if (local_ != nullptr) local_->StartProgress();
 }
 
 FabricCore::~FabricCore() {
@@ -505,7 +519,16 @@ absl::StatusOr<RemoteRegion> EndpointCore::Expose(const Registration& reg, const
   RemoteRegion r;
   r.addr = fabric_->virt_addr_ ? a : a - reg.addr;
   r.length = length;
-  r.key = reg.remote_key;
+  if (fabric_->is_local_) {
+    // "auto", shm side: the registration's key in the shm domain.
+    const auto* rec = reinterpret_cast<const MrRecord*>(reg.handle);
+    if (rec == nullptr || rec->local_mr == nullptr) {
+      return absl::InvalidArgumentError("registration not made by this fabric's registrar");
+    }
+    r.key = fi_mr_key(rec->local_mr);
+  } else {
+    r.key = reg.remote_key;
+  }
   r.rights = rights;
   r.connection = id_;
   r.generation = generation;
@@ -527,23 +550,31 @@ absl::StatusOr<std::unique_ptr<Endpoint>> ListenerCore::Accept() {
       close(fd);
       return hello.status();
     }
-    if (hello->provider != fabric_->provider_name_) {
+    // An "auto" fabric serves a peer that speaks shm on its shm core.
+    FabricCore* core = fabric_;
+    if (hello->provider != core->provider_name_ && core->local_ != nullptr &&
+        hello->provider == core->local_->provider_name_) {
+      core = core->local_.get();
+    }
+    if (hello->provider != core->provider_name_) {
+      // Tell the peer what we run (an "auto" peer then retries over tcp), then refuse.
+      (void)SendHello(fd, core->provider_name_, "-", 0);
       close(fd);
       return absl::FailedPreconditionError(absl::StrCat(
-          "peer runs provider ", hello->provider, ", this side ", fabric_->provider_name_));
+          "peer runs provider ", hello->provider, ", this side ", core->provider_name_));
     }
     uint64_t id = RandomU64();
-    absl::StatusOr<std::shared_ptr<EndpointCore>> ep = fabric_->NewEndpoint(fd, id);
+    absl::StatusOr<std::shared_ptr<EndpointCore>> ep = core->NewEndpoint(fd, id);
     absl::Status s = ep.status();
     if (s.ok()) s = InsertPeer(ep->get(), hello->name);
-    if (s.ok()) s = SendHello(fd, fabric_->provider_name_, (*ep)->local_name_, id);
+    if (s.ok()) s = SendHello(fd, core->provider_name_, (*ep)->local_name_, id);
     if (!s.ok()) {
       if (ep.ok()) (*ep)->sock_ = -1;
       close(fd);
       return s;
     }
     (*ep)->open_.store(true);
-    fabric_->AddEndpoint(*ep);
+    core->AddEndpoint(*ep);
     return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
   }
 }
@@ -589,24 +620,25 @@ absl::StatusOr<std::unique_ptr<Listener>> Fabric::Listen(absl::string_view host_
   return std::unique_ptr<Listener>(new Listener(std::move(core)));
 }
 
-absl::StatusOr<std::unique_ptr<Endpoint>> Fabric::Connect(absl::string_view host_port) {
-  absl::StatusOr<sockaddr_in> addr = internal::ParseHostPort(host_port);
-  if (!addr.ok()) return addr.status();
-  absl::StatusOr<int> fd = internal::ConnectTo(*addr, internal::kHandshakeTimeout);
+namespace internal {
+
+// Connects `core`'s provider to the listener at `addr`.
+absl::StatusOr<std::shared_ptr<EndpointCore>> ConnectOn(FabricCore* core, const sockaddr_in& addr) {
+  absl::StatusOr<int> fd = ConnectTo(addr, kHandshakeTimeout);
   if (!fd.ok()) return fd.status();
-  absl::StatusOr<std::shared_ptr<internal::EndpointCore>> ep = core_->NewEndpoint(*fd, 0);
+  absl::StatusOr<std::shared_ptr<EndpointCore>> ep = core->NewEndpoint(*fd, 0);
   absl::Status s = ep.status();
-  if (s.ok()) s = internal::SendHello(*fd, core_->provider_name_, (*ep)->local_name_, 0);
-  absl::StatusOr<internal::Hello> hello;
+  if (s.ok()) s = SendHello(*fd, core->provider_name_, (*ep)->local_name_, 0);
+  absl::StatusOr<Hello> hello;
   if (s.ok()) {
-    hello = internal::RecvHello(*fd);
+    hello = RecvHello(*fd);
     s = hello.status();
   }
-  if (s.ok() && hello->provider != core_->provider_name_) {
+  if (s.ok() && hello->provider != core->provider_name_) {
     s = absl::FailedPreconditionError(absl::StrCat("peer runs provider ", hello->provider,
-                                                   ", this side ", core_->provider_name_));
+                                                   ", this side ", core->provider_name_));
   }
-  if (s.ok()) s = internal::InsertPeer(ep->get(), hello->name);
+  if (s.ok()) s = InsertPeer(ep->get(), hello->name);
   if (!s.ok()) {
     if (ep.ok()) (*ep)->sock_ = -1;
     close(*fd);
@@ -614,7 +646,24 @@ absl::StatusOr<std::unique_ptr<Endpoint>> Fabric::Connect(absl::string_view host
   }
   (*ep)->id_ = hello->connection_id;
   (*ep)->open_.store(true);
-  core_->AddEndpoint(*ep);
+  core->AddEndpoint(*ep);
+  return ep;
+}
+
+}  // namespace internal
+
+absl::StatusOr<std::unique_ptr<Endpoint>> Fabric::Connect(absl::string_view host_port) {
+  absl::StatusOr<sockaddr_in> addr = internal::ParseHostPort(host_port);
+  if (!addr.ok()) return addr.status();
+  absl::StatusOr<std::shared_ptr<internal::EndpointCore>> ep;
+  if (core_->local_ != nullptr && internal::IsLocalAddress(*addr)) {
+    // "auto", a peer on this host: shm, unless the listener does not run it.
+    ep = internal::ConnectOn(core_->local_.get(), *addr);
+    if (ep.ok()) return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
+    if (ep.status().code() != absl::StatusCode::kFailedPrecondition) return ep.status();
+  }
+  ep = internal::ConnectOn(core_.get(), *addr);
+  if (!ep.ok()) return ep.status();
   return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
 }
 
@@ -637,6 +686,7 @@ void Endpoint::Close() { core_->Fail(absl::CancelledError("endpoint closed")); }
 bool Endpoint::connected() const { return core_->connected(); }
 absl::Status Endpoint::health() const { return core_->health(); }
 uint64_t Endpoint::connection_id() const { return core_->id_; }
+const std::string& Endpoint::provider_name() const { return core_->fabric_->provider_name_; }
 size_t Endpoint::max_in_flight() const { return core_->fabric_->max_in_flight_; }
 size_t Endpoint::pending() const { return core_->pending(); }
 
