@@ -667,15 +667,20 @@ void RegistrationCache::ReclaimerLoop() {
       });
       reclaimer_state_ = ReclaimerState::kAwake;
     }
-    batch.swap(reclaim_);
-    ++reclaim_busy_;
-    lock.unlock();
-    DeregisterBatch(batch);
-    batch.clear();
-    lock.lock();
-    --reclaim_busy_;
-    if (flush_waiters_ > 0) reclaim_cv_.notify_all();
+    DeregisterQueued(lock, batch);
   }
+}
+
+void RegistrationCache::DeregisterQueued(std::unique_lock<std::mutex>& lock,
+                                         std::vector<Region*>& batch) {
+  batch.swap(reclaim_);
+  ++reclaim_busy_;
+  lock.unlock();
+  DeregisterBatch(batch);
+  batch.clear();
+  lock.lock();
+  --reclaim_busy_;
+  if (flush_waiters_ > 0) reclaim_cv_.notify_all();
 }
 
 void RegistrationCache::Flush() {
@@ -693,14 +698,7 @@ void RegistrationCache::FlushReclaimer() {
   std::unique_lock<std::mutex> lock(reclaim_mu_);
   while (true) {
     if (!reclaim_.empty()) {
-      batch.swap(reclaim_);
-      ++reclaim_busy_;
-      lock.unlock();
-      DeregisterBatch(batch);
-      batch.clear();
-      lock.lock();
-      --reclaim_busy_;
-      reclaim_cv_.notify_all();
+      DeregisterQueued(lock, batch);
       continue;
     }
     if (reclaim_busy_ == 0) return;

@@ -277,6 +277,9 @@ class RegistrationCache {
   // Flush without draining memory events: callable with mu_ held.
   void FlushReclaimer();
   void DeregisterBatch(std::vector<Region*>& batch);
+  // Takes everything queued for deregistration and deregisters it with reclaim_mu_ released.
+  // REQUIRES: `lock` holds reclaim_mu_; it holds it again on return.
+  void DeregisterQueued(std::unique_lock<std::mutex>& lock, std::vector<Region*>& batch);
   void CountHit() const;
 
   Registrar* const registrar_;

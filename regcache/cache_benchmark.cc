@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "regcache/cache.h"
+#include "regcache/null_registrar.h"
 
 namespace sanreg {
 namespace {
@@ -23,20 +24,6 @@ namespace {
 const uintptr_t kPage = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
 // Made-up addresses: the zero-cost registrar touches no memory.
 const uintptr_t kBase = uintptr_t{1} << 40;
-
-// Registers nothing and costs nothing: isolates the cache's own work.
-class NullRegistrar : public Registrar {
- public:
-  absl::StatusOr<Registration> Register(uintptr_t addr, size_t len, uint32_t access) override {
-    Registration r;
-    r.addr = addr;
-    r.length = len;
-    r.access = access;
-    r.handle = addr;
-    return r;
-  }
-  absl::Status Deregister(const Registration&) override { return absl::OkStatus(); }
-};
 
 NullRegistrar null_registrar;
 

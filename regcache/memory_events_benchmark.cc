@@ -19,25 +19,13 @@
 #include <memory>
 
 #include "regcache/cache.h"
+#include "regcache/null_registrar.h"
 #include "regcache/memory_events.h"
 
 namespace sanreg {
 namespace {
 
 const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-
-class NullRegistrar : public Registrar {
- public:
-  absl::StatusOr<Registration> Register(uintptr_t addr, size_t len, uint32_t access) override {
-    Registration r;
-    r.addr = addr;
-    r.length = len;
-    r.access = access;
-    r.handle = addr;
-    return r;
-  }
-  absl::Status Deregister(const Registration&) override { return absl::OkStatus(); }
-};
 
 std::unique_ptr<RegistrationCache> MakeCache(Registrar* reg, MemoryMonitorMode mode) {
   RegistrationCache::Options o;

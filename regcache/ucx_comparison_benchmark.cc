@@ -24,6 +24,7 @@ extern "C" {
 }
 
 #include "regcache/cache.h"
+#include "regcache/null_registrar.h"
 
 namespace sanreg {
 namespace {
@@ -37,19 +38,6 @@ char* Arena(size_t pages) {
   if (p == MAP_FAILED) std::abort();
   return static_cast<char*>(p);
 }
-
-class NullRegistrar : public Registrar {
- public:
-  absl::StatusOr<Registration> Register(uintptr_t addr, size_t len, uint32_t access) override {
-    Registration r;
-    r.addr = addr;
-    r.length = len;
-    r.access = access;
-    r.handle = addr;
-    return r;
-  }
-  absl::Status Deregister(const Registration&) override { return absl::OkStatus(); }
-};
 
 // ---- UCX ----
 ucs_status_t UcxMemReg(void*, ucs_rcache_t*, void*, ucs_rcache_region_t*, uint16_t) {
