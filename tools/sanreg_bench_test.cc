@@ -1,0 +1,293 @@
+// sanreg_bench_test.cc: runs the sanreg_bench binary (a data dependency) on a tiny workload and
+// checks its JSON output field by field, and that bad flags exit 2 with one line on stderr.
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace sanreg {
+namespace {
+
+// ---- a minimal JSON reader (objects, arrays, strings without escapes, numbers, literals) ----
+
+struct Json;
+using JsonObject = std::map<std::string, Json>;
+using JsonArray = std::vector<Json>;
+struct Json {
+  std::variant<std::nullptr_t, bool, double, std::string, JsonArray, JsonObject> v;
+  bool is_number() const { return std::holds_alternative<double>(v); }
+  bool is_string() const { return std::holds_alternative<std::string>(v); }
+  double num() const { return std::get<double>(v); }
+  const std::string& str() const { return std::get<std::string>(v); }
+  const JsonArray& arr() const { return std::get<JsonArray>(v); }
+  const JsonObject& obj() const { return std::get<JsonObject>(v); }
+};
+
+class JsonReader {
+ public:
+  explicit JsonReader(const std::string& s) : s_(s) {}
+  bool Read(Json* out) {
+    if (!Value(out)) return false;
+    Skip();
+    return i_ == s_.size();
+  }
+
+ private:
+  void Skip() {
+    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
+  }
+  bool Eat(char c) {
+    Skip();
+    if (i_ < s_.size() && s_[i_] == c) {
+      ++i_;
+      return true;
+    }
+    return false;
+  }
+  bool String(std::string* out) {
+    if (!Eat('"')) return false;
+    size_t end = s_.find('"', i_);
+    if (end == std::string::npos) return false;
+    *out = s_.substr(i_, end - i_);
+    if (out->find('\\') != std::string::npos) return false;
+    i_ = end + 1;
+    return true;
+  }
+  bool Value(Json* out) {
+    Skip();
+    if (i_ >= s_.size()) return false;
+    char c = s_[i_];
+    if (c == '{') {
+      ++i_;
+      JsonObject o;
+      if (!Eat('}')) {
+        do {
+          std::string k;
+          Json v;
+          if (!String(&k) || !Eat(':') || !Value(&v) || o.count(k)) return false;
+          o.emplace(k, std::move(v));
+        } while (Eat(','));
+        if (!Eat('}')) return false;
+      }
+      out->v = std::move(o);
+      return true;
+    }
+    if (c == '[') {
+      ++i_;
+      JsonArray a;
+      if (!Eat(']')) {
+        do {
+          Json v;
+          if (!Value(&v)) return false;
+          a.push_back(std::move(v));
+        } while (Eat(','));
+        if (!Eat(']')) return false;
+      }
+      out->v = std::move(a);
+      return true;
+    }
+    if (c == '"') {
+      std::string str;
+      if (!String(&str)) return false;
+      out->v = str;
+      return true;
+    }
+    for (const char* lit : {"null", "true", "false"}) {
+      if (s_.compare(i_, std::strlen(lit), lit) == 0) {
+        i_ += std::strlen(lit);
+        if (lit[0] == 'n') out->v = nullptr;
+        else out->v = lit[0] == 't';
+        return true;
+      }
+    }
+    const char* start = s_.c_str() + i_;
+    char* end = nullptr;
+    double d = std::strtod(start, &end);
+    if (end == start) return false;
+    i_ += static_cast<size_t>(end - start);
+    out->v = d;
+    return true;
+  }
+  const std::string& s_;
+  size_t i_ = 0;
+};
+
+// ---- running the binary ---------------------------------------------------------------------
+
+std::string BenchPath() {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* ws = std::getenv("TEST_WORKSPACE");
+  std::string base = srcdir ? srcdir : ".";
+  return base + "/" + (ws ? ws : "sanreg") + "/tools/sanreg_bench";
+}
+
+std::string TmpDir() {
+  const char* t = std::getenv("TEST_TMPDIR");
+  return t ? t : "/tmp";
+}
+
+std::string Slurp(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+RunResult RunBench(const std::vector<std::string>& args) {
+  std::string out_path = TmpDir() + "/bench_stdout";
+  std::string err_path = TmpDir() + "/bench_stderr";
+  pid_t pid = fork();
+  if (pid == 0) {
+    int o = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int e = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (o < 0 || e < 0) _exit(127);
+    dup2(o, 1);
+    dup2(e, 2);
+    std::string path = BenchPath();
+    std::vector<char*> argv{path.data()};
+    std::vector<std::string> copy = args;
+    for (auto& a : copy) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv(path.c_str(), argv.data());
+    _exit(127);
+  }
+  RunResult r;
+  int st = 0;
+  if (pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st)) r.exit_code = WEXITSTATUS(st);
+  r.out = Slurp(out_path);
+  r.err = Slurp(err_path);
+  return r;
+}
+
+TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
+  const std::string json_path = TmpDir() + "/bench.json";
+  const std::string csv_path = TmpDir() + "/bench.csv";
+  const int kOps = 40;
+  RunResult r = RunBench({"--sizes=4KiB,64KiB", "--ops=" + std::to_string(kOps), "--repeat=1",
+                          "--buffers=4", "--cache_regions=2", "--json=" + json_path,
+                          "--csv=" + csv_path});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("buffer reuse"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("ops/s"), std::string::npos) << r.out;
+
+  Json doc;
+  std::string text = Slurp(json_path);
+  ASSERT_TRUE(JsonReader(text).Read(&doc)) << text;
+  const JsonObject& top = doc.obj();
+  ASSERT_TRUE(top.count("provider") && top.at("provider").is_string());
+  EXPECT_TRUE(top.at("provider").str() == "shm" || top.at("provider").str() == "tcp");
+  EXPECT_EQ(top.at("threads").num(), 1);
+  const JsonArray& results = top.at("results").arr();
+  // reuse and evict in three modes, churn in two (no prereg), at two sizes.
+  ASSERT_EQ(results.size(), 16u) << text;
+
+  std::set<std::string> seen;
+  const std::vector<std::string> kNumbers = {
+      "size",    "threads",  "ops",           "seconds",       "ops_per_s",
+      "gb_per_s", "p50_us",  "p99_us",        "hit_rate",      "registrations",
+      "register_ms", "invalidations", "evictions"};
+  for (const Json& j : results) {
+    const JsonObject& o = j.obj();
+    const std::string w = o.at("workload").str();
+    const std::string m = o.at("mode").str();
+    for (const std::string& k : kNumbers) {
+      ASSERT_TRUE(o.count(k) && o.at(k).is_number()) << w << " " << m << " lacks " << k;
+    }
+    SCOPED_TRACE(w + " " + m + " " + std::to_string(o.at("size").num()));
+    seen.insert(w + "/" + m);
+    const double size = o.at("size").num();
+    EXPECT_TRUE(size == 4096 || size == 65536);
+    EXPECT_EQ(o.at("ops").num(), kOps);
+    EXPECT_GT(o.at("seconds").num(), 0);
+    EXPECT_NEAR(o.at("ops_per_s").num(), kOps / o.at("seconds").num(),
+                0.01 * o.at("ops_per_s").num());
+    EXPECT_NEAR(o.at("gb_per_s").num(), o.at("ops_per_s").num() * size / 1e9,
+                0.01 * o.at("gb_per_s").num() + 1e-6);
+    EXPECT_GT(o.at("p50_us").num(), 0);
+    EXPECT_GE(o.at("p99_us").num(), o.at("p50_us").num());
+    const double hit = o.at("hit_rate").num();
+    const double regs = o.at("registrations").num();
+    EXPECT_GE(o.at("register_ms").num(), 0);
+    if (m == "nocache") {
+      EXPECT_EQ(hit, 0);
+      EXPECT_EQ(regs, kOps);  // one registration per operation
+    } else if (m == "prereg") {
+      EXPECT_EQ(hit, 1);
+      EXPECT_EQ(regs, 4);  // reuse: --buffers; evict: 2 x --cache_regions
+    } else if (w == "reuse") {
+      // Four buffers, 40 operations: the first use of each misses, every other is a hit.
+      EXPECT_EQ(regs, 4);
+      EXPECT_DOUBLE_EQ(hit, (kOps - 4.0) / kOps);
+    } else if (w == "churn") {
+      // A fresh mapping each time: every lookup misses, and the unmaps invalidated regions.
+      EXPECT_EQ(regs, kOps);
+      EXPECT_EQ(hit, 0);
+      EXPECT_GT(o.at("invalidations").num(), 0);
+    } else {
+      // Four buffers, a limit of two regions: some misses evict, some lookups hit.
+      EXPECT_GT(o.at("evictions").num(), 0);
+      EXPECT_GT(regs, 4);
+      EXPECT_LT(hit, 1);
+    }
+  }
+  EXPECT_EQ(seen, (std::set<std::string>{"reuse/nocache", "reuse/cache", "reuse/prereg",
+                                         "churn/nocache", "churn/cache", "evict/nocache",
+                                         "evict/cache", "evict/prereg"}));
+
+  // The CSV holds the same rows: a header and one line per result.
+  std::string csv = Slurp(csv_path);
+  EXPECT_EQ(csv.rfind("workload,mode,size,", 0), 0u) << csv;
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 17);
+}
+
+TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{"--no_such_flag"},
+                                             {"--ops=many"},
+                                             {"--sizes=4KiB,0"},
+                                             {"--mode=fast"},
+                                             {"--workload=reuse,nope"},
+                                             {"--fabric=ib"},
+                                             {"--threads=0"},
+                                             {"--via=spi"},
+                                             {"stray"}}) {
+    RunResult r = RunBench(args);
+    SCOPED_TRACE(args[0]);
+    EXPECT_EQ(r.exit_code, 2) << r.out << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("sanreg_bench: ", 0), 0u) << r.err;
+    EXPECT_TRUE(r.out.empty()) << r.out;
+  }
+}
+
+TEST(SanregBenchTest, HelpDescribesTheFlags) {
+  RunResult r = RunBench({"--help"});
+  std::string all = r.out + r.err;
+  for (const char* flag : {"--fabric", "--sizes", "--ops", "--duration", "--threads",
+                           "--workload", "--mode", "--json", "--csv"}) {
+    EXPECT_NE(all.find(std::string(flag).substr(2)), std::string::npos) << flag;
+  }
+}
+
+}  // namespace
+}  // namespace sanreg
