@@ -59,14 +59,14 @@ ABSL_FLAG(std::string, sizes, "4KiB,64KiB,1MiB",
 ABSL_FLAG(int64_t, ops, 0,
           "operations per run of a workload, size and mode (summed over threads); "
           "0: run for --duration instead");
-ABSL_FLAG(double, duration, 0.4, "seconds per run of a workload, size and mode, when --ops is 0");
+ABSL_FLAG(double, duration, 0.25, "seconds per run of a workload, size and mode, when --ops is 0");
 ABSL_FLAG(int32_t, threads, 1, "initiator threads (1 to 64), each with its own buffers");
 ABSL_FLAG(std::string, workload, "all", "comma-separated: reuse, churn, evict, or all");
 ABSL_FLAG(std::string, mode, "all", "comma-separated: nocache, cache, prereg, or all");
 ABSL_FLAG(int32_t, buffers, 16, "buffers per thread rotated through by the reuse workload");
 ABSL_FLAG(int32_t, cache_regions, 8,
           "evict workload: the cache's region limit (the working set is twice as many buffers)");
-ABSL_FLAG(int32_t, repeat, 3,
+ABSL_FLAG(int32_t, repeat, 5,
           "runs of each workload, size and mode, interleaved across modes; the best is reported "
           "(the machine is shared: the best run is the one least disturbed)");
 ABSL_FLAG(std::string, via, "cpp", "API the operations go through: cpp (spi: not yet)");
