@@ -30,10 +30,16 @@
 //   shm: the target checks key, bounds and rights and moves nothing, but never tells the
 //       initiator, whose operation would wait forever. The operation deadline (FabricOptions::
 //       op_timeout) bounds that: the connection fails and the operation completes kUnavailable.
-//   shm, peer death (NOT handled): a peer SIGKILLed while it holds its shared region's spinlock
-//       leaves it held; libfabric 1.17 then spins forever in fi_writemsg/fi_readmsg to that peer
-//       (seen about 1 run in 10 when operations were still queued at the kill). Operations already
-//       posted complete with kUnavailable; posting after the death can hang the poster.
+//   shm, peer death: a peer SIGKILLed while it holds its shared region's spinlock leaves it held;
+//       libfabric 1.17 then spins forever in fi_writemsg/fi_readmsg to that peer (seen about 1 run
+//       in 10 when operations were still queued at the kill). So on shm every post, by the caller
+//       or by the progress thread for queued operations, first polls the connection's out-of-band
+//       socket (one poll(2)): a dead process's sockets are closed, and its FIN is on ours, before
+//       waitpid() reports its death, so a post after that fails the connection (kUnavailable)
+//       instead of reaching the provider (datapath/peer_death_test.cc posts right after the kill).
+//       What remains (NOT handled): a peer that dies in the microseconds between that check and
+//       the provider's lock, i.e. after the check but before its own exit closed its sockets,
+//       still hangs the poster; libfabric gives no bounded way out of that spin.
 //   Both: registrations are domain-wide (no FI_MR_ENDPOINT), so a key works from any connection of
 //       the target's fabric; the connection check on descriptors is done here, on the initiator,
 //       and the unguessable keys are what stop a peer that forges one.

@@ -84,6 +84,8 @@ class FabricCore {
   bool virt_addr_ = false;     // FI_MR_VIRT_ADDR: remote addresses are virtual addresses
   bool prov_key_ = false;      // FI_MR_PROV_KEY: the provider picks keys
   bool remote_read_always_ = false;  // the provider makes every registration remotely readable
+  // shm: look at the peer's liveness socket before each post (see EndpointCore::PeerGone).
+  bool check_peer_before_post_ = false;
   size_t iov_limit_ = 1;
   size_t max_in_flight_ = 1;
   // "auto": the shm core that serves peers on this host (null when shm does not open). It shares
@@ -146,7 +148,13 @@ class EndpointCore {
   enum class State { kOpen, kFailing, kClosed };
   // Hands `c` to the provider. Returns 0, -FI_EAGAIN, or another negative fi error.
   ssize_t PostOne(Completion* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void PostQueued() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Posts queued operations while there is room. Returns false, posting nothing, when PeerGone().
+  bool PostQueued() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // True when the out-of-band socket says the peer closed or died (hang-up, error, or its FIN
+  // read). One poll(2), no blocking. Quirk (libfabric 1.17, shm): a post to a peer that died while
+  // holding its region's spinlock spins forever inside fi_writemsg/fi_readmsg, so on shm every
+  // post first asks this; a dead process's sockets are closed (FIN sent) before waitpid returns.
+  bool PeerGone() const;
   void MaybeWakePeer(int64_t now_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void Link(Completion** head, Completion** tail, Completion* c);
   static void Unlink(Completion** head, Completion** tail, Completion* c);

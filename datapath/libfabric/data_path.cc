@@ -97,12 +97,19 @@ ssize_t EndpointCore::PostOne(Completion* c) {
                       : fi_readmsg(ep_, &msg, FI_COMPLETION);
 }
 
-void EndpointCore::PostQueued() {
+bool EndpointCore::PeerGone() const {
+  pollfd p = {sock_, POLLRDHUP, 0};
+  return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP)) != 0;
+}
+
+bool EndpointCore::PostQueued() {
   const size_t max = fabric_->max_in_flight_;
+  if (queued_head_ == nullptr || posted_count_ >= max) return true;
+  if (fabric_->check_peer_before_post_ && PeerGone()) return false;
   while (queued_head_ != nullptr && posted_count_ < max) {
     Completion* c = queued_head_;
     ssize_t rc = PostOne(c);
-    if (rc != 0) return;  // -FI_EAGAIN: retried on the next progress; else the deadline fails it
+    if (rc != 0) return true;  // -FI_EAGAIN: retried on the next progress; else the deadline fails it
     Unlink(&queued_head_, &queued_tail_, c);
     --queued_count_;
     c->posted_ = true;
@@ -110,6 +117,7 @@ void EndpointCore::PostQueued() {
     Link(&posted_head_, &posted_tail_, c);
     ++posted_count_;
   }
+  return true;
 }
 
 void EndpointCore::MaybeWakePeer(int64_t now_ns) {
@@ -163,6 +171,11 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
   c->status_ = absl::OkStatus();
   c->done_.store(false, std::memory_order_relaxed);
   const int64_t now = NowCoarseNs();
+  if (fabric_->check_peer_before_post_ && PeerGone()) {
+    // Never post to a dead shm peer (see PeerGone): fail the connection instead (idempotent).
+    Fail(absl::UnavailableError("the peer closed the connection or died"), /*peer_gone=*/true);
+    return health();
+  }
   {
     absl::MutexLock l(&mu_);
     if (state_ != State::kOpen) return health_;
@@ -239,7 +252,9 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       --posted_count_;
     }
     if (state_ == State::kOpen) {
-      PostQueued();
+      if (!PostQueued() && fail_why.ok()) {
+        fail_why = absl::UnavailableError("the peer closed the connection or died");
+      }
       const int64_t timeout_ns = absl::ToInt64Nanoseconds(fabric_->options_.op_timeout);
       if (fail_why.ok() && posted_head_ != nullptr && now_ns - posted_head_->posted_ns_ > timeout_ns) {
         fail_why = absl::UnavailableError("operation deadline exceeded: the peer does not answer");

@@ -195,6 +195,7 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   // Quirk (libfabric 1.17, ofi_rxm): rxm_mr_get_msg_access adds FI_REMOTE_READ to every
   // registration it passes to the core provider (rendezvous reads), whatever the caller asked.
   remote_read_always_ = provider_name_.find("ofi_rxm") != std::string::npos;
+  check_peer_before_post_ = provider_name_ == "shm";
   iov_limit_ = std::min<size_t>(info_->tx_attr->iov_limit, Completion::kMaxSge);
   max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
   if ((rc = fi_fabric(info_->fabric_attr, &fabric_, nullptr)) != 0) return FiError("fi_fabric", -rc);
