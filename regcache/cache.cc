@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "regcache/uffd_monitor.h"
+#include "regcache/stats_segment.h"
 
 namespace sanreg {
 
@@ -128,6 +129,12 @@ const std::vector<EnvOverride>& EnvOverrides() {
          if (m.ok()) o->memory_monitor = *m;
          return m.ok();
        }},
+      {"SANREG_CACHE_STATS", "0 or 1 (publish for sanreg_stat)",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         if (v != "0" && v != "1") return false;
+         o->publish_stats = v == "1";
+         return true;
+       }},
       {"SANREG_CACHE_EVICTION", "lru or cost",
        [](const std::string& v, RegistrationCache::Options* o) {
          if (v == "lru") {
@@ -194,9 +201,15 @@ RegistrationCache::RegistrationCache(Registrar* registrar, const Options& option
     }
   }
   if (options_.reclaimer_thread) reclaimer_ = std::thread([this] { ReclaimerLoop(); });
+  // sanreg_stat: publish this cache's statistics (best effort; -1 when the segment is unavailable).
+  if (options_.publish_stats) {
+    static std::atomic<uint64_t> next_id{1};
+    stats_slot_ = Publish(next_id.fetch_add(1), [this] { return Stats(); });
+  }
 }
 
 RegistrationCache::~RegistrationCache() {
+  Unpublish(stats_slot_);  // no Stats() call on this cache after it returns
   if (subscribed_) UnsubscribeMemoryEvents(&events_);
   {
     std::lock_guard<std::mutex> lock(mu_);

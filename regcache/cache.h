@@ -168,6 +168,8 @@ class RegistrationCache {
     MemoryMonitorMode memory_monitor = MemoryMonitorMode::kAuto;
     // Verification mode: every hit asks the registrar to check the region's pages (slow; tests).
     bool verify_pages = false;
+    // Publish Stats() in this process's shared-memory segment for sanreg_stat (stats_segment.h).
+    bool publish_stats = true;
 
     // Applies the SANREG_CACHE_* environment overrides (see cache.cc for the table).
     // Returns kInvalidArgument naming the variable when one does not parse.
@@ -322,6 +324,7 @@ class RegistrationCache {
   int flush_waiters_ = 0;                                    // guarded by reclaim_mu_
   bool stop_ = false;                                        // guarded by reclaim_mu_
   std::thread reclaimer_;
+  int stats_slot_ = -1;  // Publish()'s id, -1 when not published
 };
 
 inline void RegionRef::Reset() {
