@@ -37,7 +37,6 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -52,6 +51,7 @@
 #include "datapath/remote_region.h"
 #include "regcache/cache.h"
 #include "regcache/pin_registrar.h"
+#include "tools/internal/cli.h"
 
 ABSL_FLAG(std::string, fabric, "auto", "provider: shm, tcp, or auto (shm if it opens, else tcp)");
 ABSL_FLAG(std::string, sizes, "4KiB,64KiB,1MiB",
@@ -81,10 +81,7 @@ constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
 constexpr uint32_t kRemoteRw = kAccessRemoteRead | kAccessRemoteWrite;
 constexpr size_t kMaxSize = size_t{64} << 20;
 
-[[noreturn]] void Usage(const std::string& msg) {
-  std::fprintf(stderr, "sanreg_bench: %s (see --help)\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void Usage(const std::string& msg) { tools::UsageError("sanreg_bench", msg); }
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -114,51 +111,6 @@ bool ReadFull(int fd, void* p, size_t n) {
 }
 
 // ---- flags ----------------------------------------------------------------------------------
-
-// Checks every command-line flag name and value before absl parses them, so that a bad flag exits
-// 2 with one line (absl's own parse errors exit 1 with several).
-void PrecheckArgs(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--") break;
-    if (arg.size() < 2 || arg[0] != '-') Usage(absl::StrCat("unexpected argument '", arg, "'"));
-    std::string body = arg.substr(arg[1] == '-' ? 2 : 1);
-    std::string name = body, value;
-    bool has_value = false;
-    if (size_t eq = body.find('='); eq != std::string::npos) {
-      name = body.substr(0, eq);
-      value = body.substr(eq + 1);
-      has_value = true;
-    }
-    if (name == "help" || name == "helpfull" || name == "helpshort" || name == "version" ||
-        name == "helpon" || name == "helpmatch" || name == "helppackage") {
-      continue;
-    }
-    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
-    bool negated = false;
-    if (flag == nullptr && name.rfind("no", 0) == 0) {
-      flag = absl::FindCommandLineFlag(name.substr(2));
-      negated = flag != nullptr && flag->IsOfType<bool>();
-      if (!negated) flag = nullptr;
-    }
-    if (flag == nullptr) Usage(absl::StrCat("unknown flag --", name));
-    if (negated) {
-      if (has_value) Usage(absl::StrCat("--", name, " takes no value"));
-      continue;
-    }
-    if (!has_value) {
-      if (flag->IsOfType<bool>()) continue;
-      if (i + 1 >= argc) Usage(absl::StrCat("missing value for --", name));
-      value = argv[++i];
-    }
-    std::string error;
-    std::string saved = flag->CurrentValue();
-    if (!flag->ParseFrom(value, &error)) {
-      Usage(absl::StrCat("bad value '", value, "' for --", name, ": ", error));
-    }
-    (void)flag->ParseFrom(saved, &error);
-  }
-}
 
 bool ParseSize(std::string s, size_t* out) {
   uint64_t mult = 1;
@@ -659,7 +611,7 @@ int Main(int argc, char** argv) {
       "Usage: sanreg_bench [--fabric=shm|tcp|auto] [--sizes=4KiB,1MiB] [--ops=N|--duration=S] "
       "[--threads=N] [--workload=reuse,churn,evict] [--mode=nocache,cache,prereg] "
       "[--json=FILE] [--csv=FILE]");
-  PrecheckArgs(argc, argv);
+  tools::PrecheckArgs("sanreg_bench", argc, argv);
   absl::ParseCommandLine(argc, argv);
   Config config = ValidatedConfig();
 

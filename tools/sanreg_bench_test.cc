@@ -17,167 +17,24 @@
 #include <set>
 #include <sstream>
 #include <string>
-#include <variant>
 #include <vector>
+
+#include "tools/internal/json_reader.h"
+#include "tools/internal/run_tool.h"
 
 namespace sanreg {
 namespace {
 
-// ---- a minimal JSON reader (objects, arrays, strings without escapes, numbers, literals) ----
+using tools::Json;
+using tools::JsonArray;
+using tools::JsonObject;
+using tools::JsonReader;
+using tools::RunResult;
+using tools::RunTool;
+using tools::Slurp;
+using tools::TmpDir;
 
-struct Json;
-using JsonObject = std::map<std::string, Json>;
-using JsonArray = std::vector<Json>;
-struct Json {
-  std::variant<std::nullptr_t, bool, double, std::string, JsonArray, JsonObject> v;
-  bool is_number() const { return std::holds_alternative<double>(v); }
-  bool is_string() const { return std::holds_alternative<std::string>(v); }
-  double num() const { return std::get<double>(v); }
-  const std::string& str() const { return std::get<std::string>(v); }
-  const JsonArray& arr() const { return std::get<JsonArray>(v); }
-  const JsonObject& obj() const { return std::get<JsonObject>(v); }
-};
-
-class JsonReader {
- public:
-  explicit JsonReader(const std::string& s) : s_(s) {}
-  bool Read(Json* out) {
-    if (!Value(out)) return false;
-    Skip();
-    return i_ == s_.size();
-  }
-
- private:
-  void Skip() {
-    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
-  }
-  bool Eat(char c) {
-    Skip();
-    if (i_ < s_.size() && s_[i_] == c) {
-      ++i_;
-      return true;
-    }
-    return false;
-  }
-  bool String(std::string* out) {
-    if (!Eat('"')) return false;
-    size_t end = s_.find('"', i_);
-    if (end == std::string::npos) return false;
-    *out = s_.substr(i_, end - i_);
-    if (out->find('\\') != std::string::npos) return false;
-    i_ = end + 1;
-    return true;
-  }
-  bool Value(Json* out) {
-    Skip();
-    if (i_ >= s_.size()) return false;
-    char c = s_[i_];
-    if (c == '{') {
-      ++i_;
-      JsonObject o;
-      if (!Eat('}')) {
-        do {
-          std::string k;
-          Json v;
-          if (!String(&k) || !Eat(':') || !Value(&v) || o.count(k)) return false;
-          o.emplace(k, std::move(v));
-        } while (Eat(','));
-        if (!Eat('}')) return false;
-      }
-      out->v = std::move(o);
-      return true;
-    }
-    if (c == '[') {
-      ++i_;
-      JsonArray a;
-      if (!Eat(']')) {
-        do {
-          Json v;
-          if (!Value(&v)) return false;
-          a.push_back(std::move(v));
-        } while (Eat(','));
-        if (!Eat(']')) return false;
-      }
-      out->v = std::move(a);
-      return true;
-    }
-    if (c == '"') {
-      std::string str;
-      if (!String(&str)) return false;
-      out->v = str;
-      return true;
-    }
-    for (const char* lit : {"null", "true", "false"}) {
-      if (s_.compare(i_, std::strlen(lit), lit) == 0) {
-        i_ += std::strlen(lit);
-        if (lit[0] == 'n') out->v = nullptr;
-        else out->v = lit[0] == 't';
-        return true;
-      }
-    }
-    const char* start = s_.c_str() + i_;
-    char* end = nullptr;
-    double d = std::strtod(start, &end);
-    if (end == start) return false;
-    i_ += static_cast<size_t>(end - start);
-    out->v = d;
-    return true;
-  }
-  const std::string& s_;
-  size_t i_ = 0;
-};
-
-// ---- running the binary ---------------------------------------------------------------------
-
-std::string BenchPath() {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* ws = std::getenv("TEST_WORKSPACE");
-  std::string base = srcdir ? srcdir : ".";
-  return base + "/" + (ws ? ws : "sanreg") + "/tools/sanreg_bench";
-}
-
-std::string TmpDir() {
-  const char* t = std::getenv("TEST_TMPDIR");
-  return t ? t : "/tmp";
-}
-
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-struct RunResult {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-RunResult RunBench(const std::vector<std::string>& args) {
-  std::string out_path = TmpDir() + "/bench_stdout";
-  std::string err_path = TmpDir() + "/bench_stderr";
-  pid_t pid = fork();
-  if (pid == 0) {
-    int o = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    int e = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (o < 0 || e < 0) _exit(127);
-    dup2(o, 1);
-    dup2(e, 2);
-    std::string path = BenchPath();
-    std::vector<char*> argv{path.data()};
-    std::vector<std::string> copy = args;
-    for (auto& a : copy) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    execv(path.c_str(), argv.data());
-    _exit(127);
-  }
-  RunResult r;
-  int st = 0;
-  if (pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st)) r.exit_code = WEXITSTATUS(st);
-  r.out = Slurp(out_path);
-  r.err = Slurp(err_path);
-  return r;
-}
+RunResult RunBench(const std::vector<std::string>& args) { return RunTool("sanreg_bench", args); }
 
 TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   const std::string json_path = TmpDir() + "/bench.json";
