@@ -486,7 +486,8 @@ int WSPCloseSocket(SOCKET s, LPINT err) {
     });
     for (uint64_t h : hs) {
       std::shared_ptr<RdmaEntry> e = st->rdmas.Remove(h);
-      st->rdma_index.erase({e->socket, e->addr, e->len, e->flags});
+      auto it = st->rdma_index.find({e->socket, e->addr, e->len, e->flags});
+      if (it != st->rdma_index.end() && it->second == h) st->rdma_index.erase(it);
       rdmas.push_back(std::move(e));
     }
   }
@@ -705,7 +706,8 @@ int WSPDeregisterRdmaMemory(SOCKET s, LPVOID desc, DWORD desc_len, LPINT err) {
     absl::StatusOr<RemoteRegion> r =
         RemoteRegion::Parse({static_cast<const uint8_t*>(desc), kDescSize});
     st->rdmas.Remove(r->generation);
-    st->rdma_index.erase({e->socket, e->addr, e->len, e->flags});
+    auto it = st->rdma_index.find({e->socket, e->addr, e->len, e->flags});
+    if (it != st->rdma_index.end() && it->second == r->generation) st->rdma_index.erase(it);
   }
   // The peer loses access now: the provider revokes the key before Deregister returns. The pages
   // stay pinned and cached (the RegionRef goes back to the cache idle).
@@ -740,6 +742,8 @@ int WSPMemoryRegistrationCacheCallback(LPVOID addr, SIZE_T size, LPINT err) {
         revoke.push_back(e);
       }
     });
+    // A later registration of the range gets a new descriptor, not the revoked one.
+    for (const auto& e : revoke) st->rdma_index.erase({e->socket, e->addr, e->len, e->flags});
   }
   for (auto& e : revoke) {
     if (!st->registrar->Deregister(e->key_reg).ok()) return Fail(err, WSAEFAULT);

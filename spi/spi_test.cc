@@ -732,6 +732,134 @@ TEST_F(SpiTest, CacheCallbackRevokesRdmaRegistrationsOverTheRange) {
   EXPECT_EQ(dereg_rdma_(server_, d.data(), 64, &err_), 0);
 }
 
+TEST_F(SpiTest, RdmaRegistrationAfterTheCacheCallbackGetsANewDescriptor) {
+  Mapped src(4096), tgt(4096);
+  src.Fill(12);
+  std::memset(tgt.data(), 0, 4096);
+  HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
+  std::vector<uint8_t> d1 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
+  ASSERT_EQ(cache_cb_(tgt.data(), 4096, &err_), 0);
+  std::vector<uint8_t> d2 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
+  EXPECT_NE(d1, d2);
+  ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 4096, h, d2), 0u);
+  EXPECT_EQ(std::memcmp(tgt.data(), src.data(), 4096), 0);
+  EXPECT_EQ(dereg_rdma_(server_, d1.data(), 64, &err_), 0);  // the revoked one, still counted
+  EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 1u);
+  EXPECT_EQ(dereg_rdma_(server_, d2.data(), 64, &err_), 0);
+  EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 0u);
+}
+
+// ---- Bad input on every entry point ----
+
+TEST_F(SpiTest, NullErrorPointerFailsWithoutCrashing) {
+  Mapped m(4096);
+  EXPECT_EQ(reg_(client_, m.data(), 4096, MEM_READ, nullptr), nullptr);
+  EXPECT_EQ(dereg_(client_, nullptr, nullptr), SOCKET_ERROR);
+  DWORD n = 64;
+  uint8_t d[64] = {};
+  EXPECT_EQ(reg_rdma_(client_, m.data(), 4096, MEM_READ, d, &n, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(dereg_rdma_(client_, d, 64, nullptr), SOCKET_ERROR);
+  WSABUFEX b{16, m.data(), nullptr};
+  WSAOVERLAPPED ov{};
+  EXPECT_EQ(write_(client_, &b, 1, d, 64, 0, nullptr, 0, &ov, nullptr, nullptr, nullptr),
+            SOCKET_ERROR);
+  EXPECT_EQ(read_(client_, &b, 1, d, 64, 0, nullptr, 0, &ov, nullptr, nullptr, nullptr),
+            SOCKET_ERROR);
+  EXPECT_EQ(cache_cb_(m.data(), 4096, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(p_.lpWSPSocket(AF_INET, SOCK_STREAM, 0, nullptr, 0, 0, nullptr), INVALID_SOCKET);
+  EXPECT_EQ(p_.lpWSPCloseSocket(client_, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(p_.lpWSPShutdown(client_, 0, nullptr), SOCKET_ERROR);
+}
+
+TEST_F(SpiTest, NullPointersAndBadCountsAreClearErrors) {
+  Mapped src(4096), tgt(4096);
+  HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
+  std::vector<uint8_t> desc = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
+  WSABUFEX b[5];
+  for (auto& x : b) x = WSABUFEX{16, src.data(), h};
+  WSAOVERLAPPED ov{};
+  DWORD bytes = 0;
+  EXPECT_EQ(write_(client_, nullptr, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr,
+                   &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  EXPECT_EQ(write_(client_, b, 1, nullptr, 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  EXPECT_EQ(write_(client_, b, 1, desc.data(), 64, 0, &bytes, 0, nullptr, nullptr, nullptr,
+                   &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  for (DWORD count : {DWORD{0}, DWORD{5}, DWORD{0xFFFFFFFF}}) {
+    EXPECT_EQ(write_(client_, b, count, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr,
+                     &err_),
+              SOCKET_ERROR);
+    EXPECT_EQ(err_, WSAEINVAL);
+  }
+  b[0].len = 0;
+  EXPECT_EQ(write_(client_, b, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  b[0].len = 0xFFFFFFFF;
+  EXPECT_EQ(write_(client_, b, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  // Offsets past the end, including ones that would wrap.
+  for (DWORD off : {DWORD{4096}, DWORD{0xFFFFFFF0}, DWORD{0xFFFFFFFF}}) {
+    EXPECT_EQ(Rdma(true, client_, src.data(), 16, h, desc, off, &ov), SOCKET_ERROR);
+    EXPECT_NE(err_, WSA_IO_PENDING);
+    EXPECT_NE(err_, 0);
+  }
+  // Registration: NULL desc_len, huge length.
+  EXPECT_EQ(reg_rdma_(server_, tgt.data(), 4096, MEM_WRITE, desc.data(), nullptr, &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  EXPECT_EQ(reg_(client_, src.data(), 0xFFFFFFFF, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(err_, WSAEFAULT);
+  // Overlapped result: NULL pointers.
+  DWORD flags = 0;
+  EXPECT_EQ(p_.lpWSPGetOverlappedResult(client_, nullptr, &bytes, TRUE, &flags, &err_), FALSE);
+  EXPECT_EQ(err_, WSAEFAULT);
+  // Ioctl: short in/out buffers.
+  GUID g = WSAID_RDMAWRITE;
+  void* fn = nullptr;
+  DWORD got = 0;
+  EXPECT_EQ(p_.lpWSPIoctl(client_, SIO_GET_EXTENSION_FUNCTION_POINTER, &g, sizeof g - 1, &fn,
+                          sizeof fn, &got, nullptr, nullptr, nullptr, &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  EXPECT_EQ(p_.lpWSPIoctl(client_, SIO_GET_EXTENSION_FUNCTION_POINTER, &g, sizeof g, &fn, 4, &got,
+                          nullptr, nullptr, nullptr, &err_),
+            SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  EXPECT_EQ(std::memcmp(tgt.data(), std::vector<char>(4096, 0).data(), 4096), 0);
+}
+
+TEST_F(SpiTest, RandomAndMutatedDescriptorsAreRefusedAndMoveNothing) {
+  Mapped src(4096), tgt(4096);
+  src.Fill(13);
+  std::memset(tgt.data(), 0, 4096);
+  HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
+  std::vector<uint8_t> desc = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
+  WSAOVERLAPPED ov{};
+  for (int i = 0; i < 2000; ++i) {
+    std::vector<uint8_t> d = desc;
+    uint32_t r[2];
+    ASSERT_EQ(getrandom(r, sizeof r, 0), static_cast<ssize_t>(sizeof r));
+    if (i < 1000) {
+      d[r[0] % 64] ^= static_cast<uint8_t>(1u << (r[1] % 8));  // one bit flipped
+    } else {
+      ASSERT_EQ(getrandom(d.data(), 64, 0), 64);  // random bytes
+    }
+    EXPECT_EQ(Rdma(true, client_, src.data(), 16, h, d, 0, &ov), SOCKET_ERROR);
+    EXPECT_EQ(err_, WSAEINVAL);
+    EXPECT_EQ(dereg_rdma_(server_, d.data(), 64, &err_), SOCKET_ERROR);
+    EXPECT_EQ(err_, WSAEINVAL);
+  }
+  EXPECT_EQ(std::memcmp(tgt.data(), std::vector<char>(4096, 0).data(), 4096), 0);
+  EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 1u);
+}
+
 // ---- Send / Recv ----
 
 TEST_F(SpiTest, SendAndRecvCarryMessagesThroughRegisteredBuffers) {
