@@ -8,6 +8,9 @@
 //   prereg   every buffer registered once, up front (the limit a cache can reach).
 // Workloads:
 //   reuse    a rotating set of --buffers buffers;
+//   window   a window of the size sliding by half its length over an arena 16 sizes long
+//            (successive windows overlap: the cache merges or registers anew);
+//   zipf     rotating buffers, each write of a Zipf-distributed number of pages up to the size;
 //   churn    a fresh buffer every operation (mmap, write, munmap: the cache must invalidate);
 //   evict    a working set twice the cache's region limit (--cache_regions), picked at random.
 // Every operation is synchronous (register, write, wait for the completion, release), so the
@@ -61,7 +64,8 @@ ABSL_FLAG(int64_t, ops, 0,
           "0: run for --duration instead");
 ABSL_FLAG(double, duration, 0.25, "seconds per run of a workload, size and mode, when --ops is 0");
 ABSL_FLAG(int32_t, threads, 1, "initiator threads (1 to 64), each with its own buffers");
-ABSL_FLAG(std::string, workload, "all", "comma-separated: reuse, churn, evict, or all");
+ABSL_FLAG(std::string, workload, "all",
+          "comma-separated: reuse, window, zipf, churn, evict, or all");
 ABSL_FLAG(std::string, mode, "all", "comma-separated: nocache, cache, prereg, or all");
 ABSL_FLAG(int32_t, buffers, 16, "buffers per thread rotated through by the reuse workload");
 ABSL_FLAG(int32_t, cache_regions, 8,
@@ -80,6 +84,7 @@ namespace {
 constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
 constexpr uint32_t kRemoteRw = kAccessRemoteRead | kAccessRemoteWrite;
 constexpr size_t kMaxSize = size_t{64} << 20;
+constexpr size_t kWindowSpan = 16;  // the window workload's arena, in buffers of --sizes
 
 [[noreturn]] void Usage(const std::string& msg) { tools::UsageError("sanreg_bench", msg); }
 
@@ -182,7 +187,8 @@ Config ValidatedConfig() {
   c.threads = absl::GetFlag(FLAGS_threads);
   if (c.threads < 1 || c.threads > 64) Usage("--threads must be 1 to 64");
   c.workloads =
-      ParseChoices("workload", absl::GetFlag(FLAGS_workload), {"reuse", "churn", "evict"});
+      ParseChoices("workload", absl::GetFlag(FLAGS_workload),
+                   {"reuse", "window", "zipf", "churn", "evict"});
   c.modes = ParseChoices("mode", absl::GetFlag(FLAGS_mode), {"nocache", "cache", "prereg"});
   c.buffers = absl::GetFlag(FLAGS_buffers);
   if (c.buffers < 1 || c.buffers > 4096) Usage("--buffers must be 1 to 4096");
@@ -202,7 +208,8 @@ Config ValidatedConfig() {
   c.progress = prog == "on" || (prog == "auto" && isatty(STDOUT_FILENO));
   // Each thread's buffers must fit in memory we may pin: bound the biggest set up front.
   size_t max_size = *std::max_element(c.sizes.begin(), c.sizes.end());
-  size_t per_thread = static_cast<size_t>(std::max(c.buffers, 2 * c.cache_regions)) * max_size;
+  size_t per_thread =
+      static_cast<size_t>(std::max({c.buffers, 2 * c.cache_regions, int{kWindowSpan}})) * max_size;
   if (per_thread * static_cast<size_t>(c.threads) > (size_t{8} << 30)) {
     Usage("--sizes x --buffers (or 2 x --cache_regions) x --threads exceeds 8 GiB");
   }
@@ -338,19 +345,34 @@ class Bench {
       cache = *std::move(c);
     }
     const int threads = config_.threads;
-    const int nbuf = workload == "reuse"   ? config_.buffers
-                     : workload == "evict" ? 2 * config_.cache_regions
-                                           : 0;
+    const int nbuf = workload == "reuse" || workload == "zipf" ? config_.buffers
+                     : workload == "evict"                      ? 2 * config_.cache_regions
+                     : workload == "window"                     ? 1
+                                                                : 0;
+    // window: one arena of kWindowSpan buffers' worth per thread, written from a window of `size`
+    // bytes that slides by half its length (page-rounded) every operation.
+    const size_t buffer_bytes = workload == "window" ? size * kWindowSpan : size;
+    const size_t step = std::max<size_t>(4096, (size / 2) & ~size_t{4095});
+    const size_t positions = workload == "window" ? (buffer_bytes - size) / step + 1 : 1;
+    // zipf: lengths of k pages, k in [1, size / 4096], with probability proportional to 1 / k.
+    std::vector<double> zipf_cdf;
+    if (workload == "zipf") {
+      size_t n = std::max<size_t>(1, size / 4096);
+      double sum = 0;
+      for (size_t k = 1; k <= n; ++k) zipf_cdf.push_back(sum += 1.0 / k);
+      for (double& v : zipf_cdf) v /= sum;
+    }
     // Buffers per thread, mapped (and for prereg, registered) before the clock starts.
     std::vector<std::vector<Buffer>> bufs(threads);
     absl::Status setup;
     for (auto& tb : bufs) {
       for (int i = 0; i < nbuf; ++i) {
         Buffer b;
-        b.data = MapBuffer(size, &b.mapped);
+        b.data = MapBuffer(buffer_bytes, &b.mapped);
         if (b.data == nullptr) return absl::ResourceExhaustedError("mmap");
         if (mode == "prereg") {
-          auto r = timing.Register(reinterpret_cast<uintptr_t>(b.data), size, kAccessLocalRead);
+          auto r = timing.Register(reinterpret_cast<uintptr_t>(b.data), buffer_bytes,
+                                   kAccessLocalRead);
           if (!r.ok()) return r.status();
           b.reg = *r;
         }
@@ -363,6 +385,7 @@ class Bench {
         config_.duration > 0 ? static_cast<int64_t>(config_.duration * 1e9) : 0;
     std::vector<std::vector<uint32_t>> lat(threads);
     std::vector<absl::Status> errs(threads);
+    std::vector<uint64_t> moved(threads, 0);  // bytes written, per thread
     std::atomic<uint64_t> progress{0};
     std::atomic<bool> stop{false};
 
@@ -377,6 +400,7 @@ class Bench {
       for (uint64_t i = 0; i < my_ops && !stop.load(std::memory_order_relaxed); ++i) {
         uint8_t* data;
         size_t mapped = 0;
+        size_t len = size;
         const Buffer* b = nullptr;
         if (workload == "churn") {
           data = MapBuffer(size, &mapped);
@@ -384,10 +408,19 @@ class Bench {
             errs[t] = absl::ResourceExhaustedError("mmap");
             return;
           }
+        } else if (workload == "window") {
+          b = &bufs[t][0];
+          data = b->data + (i % positions) * step;
         } else {
-          size_t k = workload == "reuse" ? i % nbuf : rng() % nbuf;
+          size_t k = workload == "evict" ? rng() % nbuf : i % nbuf;
           b = &bufs[t][k];
           data = b->data;
+          if (workload == "zipf" && size > 4096) {
+            double u = std::uniform_real_distribution<double>(0, 1)(rng);
+            size_t pages = std::lower_bound(zipf_cdf.begin(), zipf_cdf.end(), u) -
+                           zipf_cdf.begin() + 1;
+            len = std::min(size, pages * 4096);
+          }
         }
         int64_t t0 = NowNs();
         Registration reg;
@@ -395,21 +428,21 @@ class Bench {
         if (mode == "prereg") {
           reg = b->reg;
         } else if (mode == "cache") {
-          auto r = cache->Acquire(data, size, kAccessLocalRead);
+          auto r = cache->Acquire(data, len, kAccessLocalRead);
           if (!r.ok()) {
             errs[t] = r.status();
             return;
           }
           ref = *std::move(r);
         } else {
-          auto r = timing.Register(reinterpret_cast<uintptr_t>(data), size, kAccessLocalRead);
+          auto r = timing.Register(reinterpret_cast<uintptr_t>(data), len, kAccessLocalRead);
           if (!r.ok()) {
             errs[t] = r.status();
             return;
           }
           reg = *r;
         }
-        Sge sge{data, size, ref ? &ref.registration() : &reg};
+        Sge sge{data, len, ref ? &ref.registration() : &reg};
         c.Reset();
         absl::Status s = ep_->Write({&sge, 1}, region_, offset, &c);
         if (s.ok()) {
@@ -429,6 +462,7 @@ class Bench {
         }
         if (workload == "churn") munmap(data, mapped);
         l.push_back(static_cast<uint32_t>(std::min<int64_t>(t1 - t0, UINT32_MAX)));
+        moved[t] += len;
         progress.fetch_add(1, std::memory_order_relaxed);
       }
     };
@@ -485,7 +519,9 @@ class Bench {
     res.ops = all.size();
     res.seconds = (end - start) / 1e9;
     res.ops_per_s = res.ops / res.seconds;
-    res.gb_per_s = res.ops_per_s * size / 1e9;
+    uint64_t total_bytes = 0;
+    for (uint64_t m : moved) total_bytes += m;
+    res.gb_per_s = total_bytes / res.seconds / 1e9;
     std::sort(all.begin(), all.end());
     if (!all.empty()) {
       res.p50_us = all[all.size() / 2] / 1e3;
@@ -532,6 +568,8 @@ std::string SizeName(size_t s) {
 const char* WorkloadTitle(const std::string& w) {
   if (w == "reuse") return "buffer reuse (a rotating set of buffers)";
   if (w == "churn") return "churn (a fresh mmap'd buffer every operation, unmapped after)";
+  if (w == "window") return "sliding window (over an arena of 16 sizes, by half a size per op)";
+  if (w == "zipf") return "random lengths (Zipf over 1 .. size/4KiB pages, rotating buffers)";
   return "eviction (random picks from a working set twice the cache's region limit)";
 }
 

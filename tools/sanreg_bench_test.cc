@@ -55,8 +55,8 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   EXPECT_TRUE(top.at("provider").str() == "shm" || top.at("provider").str() == "tcp");
   EXPECT_EQ(top.at("threads").num(), 1);
   const JsonArray& results = top.at("results").arr();
-  // reuse and evict in three modes, churn in two (no prereg), at two sizes.
-  ASSERT_EQ(results.size(), 16u) << text;
+  // reuse, window, zipf and evict in three modes, churn in two (no prereg), at two sizes.
+  ASSERT_EQ(results.size(), 28u) << text;
 
   std::set<std::string> seen;
   const std::vector<std::string> kNumbers = {
@@ -78,8 +78,13 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
     EXPECT_GT(o.at("seconds").num(), 0);
     EXPECT_NEAR(o.at("ops_per_s").num(), kOps / o.at("seconds").num(),
                 0.01 * o.at("ops_per_s").num());
-    EXPECT_NEAR(o.at("gb_per_s").num(), o.at("ops_per_s").num() * size / 1e9,
-                0.01 * o.at("gb_per_s").num() + 1e-6);
+    if (w == "zipf") {  // lengths of 1 page up to the size
+      EXPECT_LE(o.at("gb_per_s").num(), o.at("ops_per_s").num() * size / 1e9 * 1.01);
+      EXPECT_GE(o.at("gb_per_s").num(), o.at("ops_per_s").num() * 4096 / 1e9 * 0.99);
+    } else {
+      EXPECT_NEAR(o.at("gb_per_s").num(), o.at("ops_per_s").num() * size / 1e9,
+                  0.01 * o.at("gb_per_s").num() + 1e-6);
+    }
     EXPECT_GT(o.at("p50_us").num(), 0);
     EXPECT_GE(o.at("p99_us").num(), o.at("p50_us").num());
     const double hit = o.at("hit_rate").num();
@@ -90,11 +95,24 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
       EXPECT_EQ(regs, kOps);  // one registration per operation
     } else if (m == "prereg") {
       EXPECT_EQ(hit, 1);
-      EXPECT_EQ(regs, 4);  // reuse: --buffers; evict: 2 x --cache_regions
+      // reuse, zipf: --buffers; evict: 2 x --cache_regions; window: one arena.
+      EXPECT_EQ(regs, w == "window" ? 1 : 4);
     } else if (w == "reuse") {
       // Four buffers, 40 operations: the first use of each misses, every other is a hit.
       EXPECT_EQ(regs, 4);
       EXPECT_DOUBLE_EQ(hit, (kOps - 4.0) / kOps);
+    } else if (w == "window") {
+      // 4 KiB windows step by a page over 16 pages: 16 first uses, then hits; 64 KiB windows
+      // overlap their predecessors, so some misses replace (merge) what is registered.
+      EXPECT_GE(regs, 1);
+      EXPECT_LT(regs, kOps);
+      if (size == 4096) EXPECT_EQ(regs, 16);
+      EXPECT_GT(hit, 0);
+    } else if (w == "zipf") {
+      // Four buffers; a longer length than registered so far misses (and grows the region).
+      EXPECT_GE(regs, 4);
+      EXPECT_LT(regs, kOps);
+      if (size == 4096) EXPECT_DOUBLE_EQ(hit, (kOps - 4.0) / kOps);
     } else if (w == "churn") {
       // A fresh mapping each time: every lookup misses, and the unmaps invalidated regions.
       EXPECT_EQ(regs, kOps);
@@ -108,13 +126,15 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
     }
   }
   EXPECT_EQ(seen, (std::set<std::string>{"reuse/nocache", "reuse/cache", "reuse/prereg",
+                                         "window/nocache", "window/cache", "window/prereg",
+                                         "zipf/nocache", "zipf/cache", "zipf/prereg",
                                          "churn/nocache", "churn/cache", "evict/nocache",
                                          "evict/cache", "evict/prereg"}));
 
   // The CSV holds the same rows: a header and one line per result.
   std::string csv = Slurp(csv_path);
   EXPECT_EQ(csv.rfind("workload,mode,size,", 0), 0u) << csv;
-  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 17);
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 29);
 }
 
 TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {

@@ -44,8 +44,11 @@ struct RunResult {
 
 // Runs tools/<name> with `args`, stdout and stderr to files; returns its exit code and output.
 inline RunResult RunTool(const std::string& name, const std::vector<std::string>& args) {
-  std::string out_path = TmpDir() + "/" + name + "_stdout";
-  std::string err_path = TmpDir() + "/" + name + "_stderr";
+  // Fresh files per run: a child of an earlier run that outlived it cannot write into these.
+  static int runs = 0;
+  ++runs;
+  std::string out_path = TmpDir() + "/" + name + "_" + std::to_string(runs) + "_stdout";
+  std::string err_path = TmpDir() + "/" + name + "_" + std::to_string(runs) + "_stderr";
   pid_t pid = fork();
   if (pid == 0) {
     int o = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
