@@ -37,9 +37,12 @@
 //       socket (one poll(2)): a dead process's sockets are closed, and its FIN is on ours, before
 //       waitpid() reports its death, so a post after that fails the connection (kUnavailable)
 //       instead of reaching the provider (datapath/peer_death_test.cc posts right after the kill).
-//       What remains (NOT handled): a peer that dies in the microseconds between that check and
-//       the provider's lock, i.e. after the check but before its own exit closed its sockets,
-//       still hangs the poster; libfabric gives no bounded way out of that spin.
+//       What remains (NOT handled): a post that races the death. A poster already waiting for
+//       the peer's lock when the peer dies holding it, or one whose check ran just before the
+//       peer's exit closed its sockets, spins forever inside libfabric, holding this endpoint's
+//       locks (Close and the progress thread then block too). Seen about 1 run in 30 when the
+//       kill lands while the progress thread posts queued operations; libfabric 1.17 offers no
+//       bounded way out of that spin (the lock is a plain spinlock in the dead peer's region).
 //   Both: registrations are domain-wide (no FI_MR_ENDPOINT), so a key works from any connection of
 //       the target's fabric; the connection check on descriptors is done here, on the initiator,
 //       and the unguessable keys are what stop a peer that forges one.
