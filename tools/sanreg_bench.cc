@@ -76,6 +76,9 @@ ABSL_FLAG(int32_t, repeat, 5,
 ABSL_FLAG(std::string, via, "cpp", "API the operations go through: cpp (spi: not yet)");
 ABSL_FLAG(std::string, json, "", "write the results as JSON to this file");
 ABSL_FLAG(std::string, csv, "", "write the results as CSV to this file");
+ABSL_FLAG(std::string, plot, "",
+          "render throughput against size for the three modes (buffer reuse, else the first "
+          "workload) to this PNG file with gnuplot");
 ABSL_FLAG(std::string, progress, "auto", "progress line: auto (when stdout is a terminal), on, off");
 
 namespace sanreg {
@@ -162,7 +165,7 @@ struct Config {
   int buffers;
   int cache_regions;
   int repeat;
-  std::string json, csv;
+  std::string json, csv, plot;
   bool progress;
 };
 
@@ -201,6 +204,10 @@ Config ValidatedConfig() {
   if (via != "cpp") Usage(absl::StrCat("bad value '", via, "' for --via: expected cpp"));
   c.json = absl::GetFlag(FLAGS_json);
   c.csv = absl::GetFlag(FLAGS_csv);
+  c.plot = absl::GetFlag(FLAGS_plot);
+  if (!c.plot.empty() && (c.plot.size() < 5 || c.plot.substr(c.plot.size() - 4) != ".png")) {
+    Usage(absl::StrCat("--plot wants a .png file, not '", c.plot, "'"));
+  }
   std::string prog = absl::GetFlag(FLAGS_progress);
   if (prog != "auto" && prog != "on" && prog != "off") {
     Usage(absl::StrCat("bad value '", prog, "' for --progress: expected auto, on or off"));
@@ -642,6 +649,46 @@ bool WriteCsv(const std::string& path, const std::vector<Result>& rs) {
   return std::fclose(f) == 0;
 }
 
+// Renders GB/s against size, one line per mode, for `workload`, with gnuplot (Debian's
+// gnuplot-nox, installed by tools/setup.sh). Returns false with a message when it cannot.
+bool WritePlot(const std::string& path, const std::string& provider, const Config& config,
+               const std::vector<Result>& rs) {
+  std::string workload = config.workloads[0];
+  for (const std::string& w : config.workloads) {
+    if (w == "reuse") workload = w;
+  }
+  std::string data = path + ".dat";
+  FILE* f = std::fopen(data.c_str(), "w");
+  if (f == nullptr) return false;
+  std::string plots;
+  int index = 0;
+  for (const std::string& m : config.modes) {
+    bool any = false;
+    for (const Result& r : rs) {
+      if (r.workload != workload || r.mode != m) continue;
+      if (!any) std::fprintf(f, "# %s\n", m.c_str());
+      any = true;
+      std::fprintf(f, "%zu %.6f\n", r.size, r.gb_per_s);
+    }
+    if (!any) continue;
+    std::fprintf(f, "\n\n");
+    absl::StrAppend(&plots, plots.empty() ? "" : ", ", "'", data, "' index ", index++,
+                    " with linespoints lw 2 title '", m, "'");
+  }
+  std::fclose(f);
+  std::string script = absl::StrCat(
+      "set terminal pngcairo size 900,560\n", "set output '", path, "'\n",
+      "set title 'sanreg_bench: ", WorkloadTitle(workload), ", ", provider, "' noenhanced\n",
+      "set logscale x 2\nset format x '%.0b %BB'\nset xlabel 'buffer size'\nset ylabel 'GB/s'\n",
+      "set key top left\nset grid\nplot ", plots, "\n");
+  FILE* g = popen("gnuplot 2>&1", "w");
+  if (g == nullptr) return false;
+  std::fputs(script.c_str(), g);
+  int rc = pclose(g);
+  std::remove(data.c_str());
+  return rc == 0;
+}
+
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "pin-down workloads: RDMA writes from buffers registered per operation (nocache), through "
@@ -749,6 +796,11 @@ int Main(int argc, char** argv) {
   }
   if (!config.csv.empty() && !WriteCsv(config.csv, results)) {
     std::fprintf(stderr, "sanreg_bench: cannot write %s\n", config.csv.c_str());
+    return 1;
+  }
+  if (!config.plot.empty() && !WritePlot(config.plot, provider, config, results)) {
+    std::fprintf(stderr, "sanreg_bench: cannot render %s with gnuplot (bash tools/setup.sh)\n",
+                 config.plot.c_str());
     return 1;
   }
   if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {

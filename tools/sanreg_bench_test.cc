@@ -39,10 +39,11 @@ RunResult RunBench(const std::vector<std::string>& args) { return RunTool("sanre
 TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   const std::string json_path = TmpDir() + "/bench.json";
   const std::string csv_path = TmpDir() + "/bench.csv";
+  const std::string png_path = TmpDir() + "/bench.png";
   const int kOps = 40;
   RunResult r = RunBench({"--sizes=4KiB,64KiB", "--ops=" + std::to_string(kOps), "--repeat=1",
                           "--buffers=4", "--cache_regions=2", "--json=" + json_path,
-                          "--csv=" + csv_path});
+                          "--csv=" + csv_path, "--plot=" + png_path});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("buffer reuse"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("ops/s"), std::string::npos) << r.out;
@@ -131,6 +132,9 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
                                          "churn/nocache", "churn/cache", "evict/nocache",
                                          "evict/cache", "evict/prereg"}));
 
+  // The plot is a PNG (gnuplot, from tools/setup.sh).
+  EXPECT_EQ(Slurp(png_path).substr(0, 4), "\x89PNG");
+
   // The CSV holds the same rows: a header and one line per result.
   std::string csv = Slurp(csv_path);
   EXPECT_EQ(csv.rfind("workload,mode,size,", 0), 0u) << csv;
@@ -147,6 +151,7 @@ TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
                                              {"--fabric=ib"},
                                              {"--threads=0"},
                                              {"--via=spi"},
+                                             {"--plot=out.svg"},
                                              {"stray"}}) {
     RunResult r = RunBench(args);
     SCOPED_TRACE(args[0]);

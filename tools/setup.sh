@@ -18,6 +18,7 @@ packages=(
   libucx-dev
   iproute2
   procps
+  gnuplot-nox
 )
 
 missing=()
