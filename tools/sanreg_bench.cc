@@ -12,7 +12,8 @@
 //            (successive windows overlap: the cache merges or registers anew);
 //   zipf     rotating buffers, each write of a Zipf-distributed number of pages up to the size;
 //   churn    a fresh buffer every operation (mmap, write, munmap: the cache must invalidate);
-//   evict    a working set twice the cache's region limit (--cache_regions), picked at random.
+//   evict    a working set twice the cache's region limit (--cache_regions), picked at random;
+//   threads  buffer reuse on max(4, --threads) initiator threads sharing one cache and endpoint.
 // Every operation is synchronous (register, write, wait for the completion, release), so the
 // latency printed is that of one pin-down write; ops/s are summed over --threads threads.
 //
@@ -65,7 +66,8 @@ ABSL_FLAG(int64_t, ops, 0,
 ABSL_FLAG(double, duration, 0.25, "seconds per run of a workload, size and mode, when --ops is 0");
 ABSL_FLAG(int32_t, threads, 1, "initiator threads (1 to 64), each with its own buffers");
 ABSL_FLAG(std::string, workload, "all",
-          "comma-separated: reuse, window, zipf, churn, evict, or all");
+          "comma-separated: reuse, window, zipf, churn, evict, threads (reuse on max(4, --threads) "
+          "threads), or all");
 ABSL_FLAG(std::string, mode, "all", "comma-separated: nocache, cache, prereg, or all");
 ABSL_FLAG(int32_t, buffers, 16, "buffers per thread rotated through by the reuse workload");
 ABSL_FLAG(int32_t, cache_regions, 8,
@@ -191,7 +193,7 @@ Config ValidatedConfig() {
   if (c.threads < 1 || c.threads > 64) Usage("--threads must be 1 to 64");
   c.workloads =
       ParseChoices("workload", absl::GetFlag(FLAGS_workload),
-                   {"reuse", "window", "zipf", "churn", "evict"});
+                   {"reuse", "window", "zipf", "churn", "evict", "threads"});
   c.modes = ParseChoices("mode", absl::GetFlag(FLAGS_mode), {"nocache", "cache", "prereg"});
   c.buffers = absl::GetFlag(FLAGS_buffers);
   if (c.buffers < 1 || c.buffers > 4096) Usage("--buffers must be 1 to 4096");
@@ -217,7 +219,7 @@ Config ValidatedConfig() {
   size_t max_size = *std::max_element(c.sizes.begin(), c.sizes.end());
   size_t per_thread =
       static_cast<size_t>(std::max({c.buffers, 2 * c.cache_regions, int{kWindowSpan}})) * max_size;
-  if (per_thread * static_cast<size_t>(c.threads) > (size_t{8} << 30)) {
+  if (per_thread * static_cast<size_t>(std::max(c.threads, 4)) > (size_t{8} << 30)) {
     Usage("--sizes x --buffers (or 2 x --cache_regions) x --threads exceeds 8 GiB");
   }
   return c;
@@ -333,6 +335,13 @@ uint8_t* MapBuffer(size_t size, size_t* mapped) {
   return static_cast<uint8_t*>(p);
 }
 
+// The threads workload runs buffer reuse on kThreadsWorkload threads (or --threads, if more);
+// the others on --threads.
+constexpr int kThreadsWorkload = 4;
+int ThreadsFor(const Config& c, const std::string& workload) {
+  return workload == "threads" ? std::max(c.threads, kThreadsWorkload) : c.threads;
+}
+
 class Bench {
  public:
   Bench(const Config& config, Fabric* fabric, Endpoint* ep, RemoteRegion region)
@@ -351,8 +360,9 @@ class Bench {
       if (!c.ok()) return c.status();
       cache = *std::move(c);
     }
-    const int threads = config_.threads;
-    const int nbuf = workload == "reuse" || workload == "zipf" ? config_.buffers
+    const int threads = ThreadsFor(config_, workload);
+    const int nbuf = workload == "reuse" || workload == "zipf" || workload == "threads"
+                         ? config_.buffers
                      : workload == "evict"                      ? 2 * config_.cache_regions
                      : workload == "window"                     ? 1
                                                                 : 0;
@@ -576,6 +586,7 @@ const char* WorkloadTitle(const std::string& w) {
   if (w == "reuse") return "buffer reuse (a rotating set of buffers)";
   if (w == "churn") return "churn (a fresh mmap'd buffer every operation, unmapped after)";
   if (w == "window") return "sliding window (over an arena of 16 sizes, by half a size per op)";
+  if (w == "threads") return "buffer reuse on several initiator threads, one cache";
   if (w == "zipf") return "random lengths (Zipf over 1 .. size/4KiB pages, rotating buffers)";
   return "eviction (random picks from a working set twice the cache's region limit)";
 }
@@ -701,7 +712,9 @@ int Main(int argc, char** argv) {
   Config config = ValidatedConfig();
 
   size_t max_size = *std::max_element(config.sizes.begin(), config.sizes.end());
-  size_t region_bytes = ((max_size * config.threads) + 4095) & ~size_t{4095};
+  int max_threads = 1;
+  for (const std::string& w : config.workloads) max_threads = std::max(max_threads, ThreadsFor(config, w));
+  size_t region_bytes = ((max_size * max_threads) + 4095) & ~size_t{4095};
 
   int down[2], up[2];
   if (pipe(down) != 0 || pipe(up) != 0) {

@@ -56,8 +56,8 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   EXPECT_TRUE(top.at("provider").str() == "shm" || top.at("provider").str() == "tcp");
   EXPECT_EQ(top.at("threads").num(), 1);
   const JsonArray& results = top.at("results").arr();
-  // reuse, window, zipf and evict in three modes, churn in two (no prereg), at two sizes.
-  ASSERT_EQ(results.size(), 28u) << text;
+  // reuse, window, zipf, evict and threads in three modes, churn in two (no prereg), two sizes.
+  ASSERT_EQ(results.size(), 34u) << text;
 
   std::set<std::string> seen;
   const std::vector<std::string> kNumbers = {
@@ -74,6 +74,9 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
     SCOPED_TRACE(w + " " + m + " " + std::to_string(o.at("size").num()));
     seen.insert(w + "/" + m);
     const double size = o.at("size").num();
+    // The threads workload is buffer reuse on four threads, each with its own four buffers.
+    const int threads = w == "threads" ? 4 : 1;
+    EXPECT_EQ(o.at("threads").num(), threads);
     EXPECT_TRUE(size == 4096 || size == 65536);
     EXPECT_EQ(o.at("ops").num(), kOps);
     EXPECT_GT(o.at("seconds").num(), 0);
@@ -96,12 +99,12 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
       EXPECT_EQ(regs, kOps);  // one registration per operation
     } else if (m == "prereg") {
       EXPECT_EQ(hit, 1);
-      // reuse, zipf: --buffers; evict: 2 x --cache_regions; window: one arena.
-      EXPECT_EQ(regs, w == "window" ? 1 : 4);
-    } else if (w == "reuse") {
-      // Four buffers, 40 operations: the first use of each misses, every other is a hit.
-      EXPECT_EQ(regs, 4);
-      EXPECT_DOUBLE_EQ(hit, (kOps - 4.0) / kOps);
+      // reuse, zipf: --buffers; evict: 2 x --cache_regions; window: one arena; per thread.
+      EXPECT_EQ(regs, (w == "window" ? 1 : 4) * threads);
+    } else if (w == "reuse" || w == "threads") {
+      // Four buffers a thread, 40 operations: the first use of each misses, every other hits.
+      EXPECT_EQ(regs, 4 * threads);
+      EXPECT_DOUBLE_EQ(hit, (kOps - 4.0 * threads) / kOps);
     } else if (w == "window") {
       // 4 KiB windows step by a page over 16 pages: 16 first uses, then hits; 64 KiB windows
       // overlap their predecessors, so some misses replace (merge) what is registered.
@@ -129,6 +132,7 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   EXPECT_EQ(seen, (std::set<std::string>{"reuse/nocache", "reuse/cache", "reuse/prereg",
                                          "window/nocache", "window/cache", "window/prereg",
                                          "zipf/nocache", "zipf/cache", "zipf/prereg",
+                                         "threads/nocache", "threads/cache", "threads/prereg",
                                          "churn/nocache", "churn/cache", "evict/nocache",
                                          "evict/cache", "evict/prereg"}));
 
@@ -138,7 +142,7 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   // The CSV holds the same rows: a header and one line per result.
   std::string csv = Slurp(csv_path);
   EXPECT_EQ(csv.rfind("workload,mode,size,", 0), 0u) << csv;
-  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 29);
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 35);
 }
 
 TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
