@@ -1119,6 +1119,11 @@ void FlushCacheForTest() {
   if (g_state != nullptr) g_state->cache->Flush();
 }
 
+std::string ProviderForTest() {
+  std::lock_guard<std::mutex> l(g_mu);
+  return g_state == nullptr ? std::string() : g_state->fabric->provider_name();
+}
+
 size_t RdmaRegistrationsForTest() {
   std::lock_guard<std::mutex> l(g_mu);
   if (g_state == nullptr) return 0;
@@ -1138,6 +1143,15 @@ extern "C" SANREG_SPI_API int WSPStartupEx(WORD version, LPWSPDATA data, LPWSAPR
   std::lock_guard<std::mutex> l(g_mu);
   if (g_state == nullptr) {
     auto st = std::make_unique<State>();
+    // The protocol info may name the provider ("tcp", "shm", "auto" in szProtocol); SANREG_FABRIC,
+    // when set, overrides it.
+    if (info != nullptr) {
+      std::string name;
+      for (size_t i = 0; i < 8 && info->szProtocol[i] != 0; ++i) {
+        name.push_back(info->szProtocol[i] < 128 ? static_cast<char>(info->szProtocol[i]) : '?');
+      }
+      if (name == "tcp" || name == "shm" || name == "auto") st->options.provider = name;
+    }
     if (!ApplyEnvironment(&st->options).ok()) return WSASYSNOTREADY;
     FabricOptions fo;
     fo.provider = st->options.provider;

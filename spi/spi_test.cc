@@ -8,7 +8,9 @@
 #include <sys/random.h>
 
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -217,6 +219,26 @@ TEST_F(SpiTest, StartupReturnsErrorCodesDirectly) {
   WSPPROC_TABLE t;
   EXPECT_EQ(WSPStartupEx(0x0101, nullptr, nullptr, &up, &t), WSAVERNOTSUPPORTED);
   EXPECT_EQ(WSPStartupEx(SANREG_WSP_VERSION, nullptr, nullptr, &up, nullptr), WSAEFAULT);
+}
+
+TEST_F(SpiTest, ProtocolInfoChoosesTheProviderUnlessSanregFabricIsSet) {
+  ASSERT_EQ(p_.lpWSPCleanup(&err_), 0);
+  started_ = false;
+  WSAPROTOCOL_INFOW info{};
+  info.szProtocol[0] = 's';
+  info.szProtocol[1] = 'h';
+  info.szProtocol[2] = 'm';
+  WSPUPCALLTABLEEX up{};
+  up.lpWPUCompleteOverlappedRequest = &Upcall;
+  ASSERT_EQ(WSPStartupEx(SANREG_WSP_VERSION, nullptr, &info, &up, &p_), 0);
+  started_ = true;
+  const char* env = std::getenv("SANREG_FABRIC");
+  std::string provider = sanreg::spi::internal::ProviderForTest();
+  if (env == nullptr || *env == '\0') {
+    EXPECT_EQ(provider, "shm");
+  } else if (std::string(env) == "tcp") {
+    EXPECT_NE(provider.find("tcp"), std::string::npos) << provider;
+  }
 }
 
 TEST_F(SpiTest, IoctlHandsOutAllSevenExtensionFunctions) {

@@ -6,13 +6,16 @@
 #define SANREG_SPI_INTERNAL_SPI_INTERNAL_H_
 
 #include <cstdint>
+#include <string>
 
 #include "regcache/cache.h"
 
 namespace sanreg::spi::internal {
 
 // The options of the SPI (STYLE.md rule 11). Environment overrides, read by WSPStartupEx:
-//   SANREG_FABRIC   libfabric provider: "tcp" (default), "shm", "auto".
+//   SANREG_FABRIC   libfabric provider: "tcp" (default), "shm", "auto". Without it, a
+//                   WSAPROTOCOL_INFOW given to WSPStartupEx whose szProtocol is one of these names
+//                   chooses the provider.
 struct SpiOptions {
   std::string provider = "tcp";
   // The largest transfer (bytes) one WSPRdmaWrite/WSPRdmaRead takes; reported by SO_MAX_RDMA_SIZE.
@@ -26,6 +29,9 @@ CacheStats CacheStatsForTest();
 
 // Deregisters what the cache queued for its reclaimer (RegistrationCache::Flush).
 void FlushCacheForTest();
+
+// The libfabric provider in use ("tcp;ofi_rxm", "shm"); empty before WSPStartupEx.
+std::string ProviderForTest();
 
 // RDMA registrations (descriptors) alive now.
 size_t RdmaRegistrationsForTest();
