@@ -291,7 +291,8 @@ bool EndpointCore::OnSocketReadable() {
 void FabricCore::Wake() {
   if (!sleeping_.load(std::memory_order_seq_cst)) return;
   uint64_t one = 1;
-  (void)write(wake_fd_, &one, sizeof one);
+  // An eventfd write fails only when the counter would overflow: then a wake-up is pending anyway.
+  [[maybe_unused]] ssize_t w = write(wake_fd_, &one, sizeof one);
 }
 
 void FabricCore::ProgressLoop() {
@@ -338,7 +339,7 @@ void FabricCore::ProgressLoop() {
     if (n <= 0) continue;
     if (fds[0].revents != 0) {
       uint64_t v;
-      (void)read(wake_fd_, &v, sizeof v);
+      [[maybe_unused]] ssize_t r = read(wake_fd_, &v, sizeof v);  // resets the eventfd
     }
     for (size_t i = 1; i < fds.size(); ++i) {
       if (fds[i].revents != 0 && snap[i - 1]->OnSocketReadable()) {
