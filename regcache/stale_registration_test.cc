@@ -129,12 +129,33 @@ class StaleRegistrationTest : public ::testing::TestWithParam<MemoryMonitorMode>
     return r.ok() ? r->registration().handle : 0;
   }
 
-  static char* MapAnon(size_t len, void* at = nullptr) {
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (at ? MAP_FIXED_NOREPLACE : 0);
-    void* p = mmap(at, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+  static char* MapAnon(size_t len) {
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     EXPECT_NE(p, MAP_FAILED) << std::strerror(errno);
-    if (at != nullptr) EXPECT_EQ(p, at) << "could not map the same address again";
     return p == MAP_FAILED ? nullptr : static_cast<char*>(p);
+  }
+
+  // Maps `len` bytes at `at` again, after the test unmapped it. Another thread (a sanitizer's
+  // allocator, Flush's marker page) may have taken the hole meanwhile: then returns nullptr.
+  static char* MapAgain(size_t len, void* at) {
+    void* p = mmap(at, len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    if (p != at) {  // a kernel without MAP_FIXED_NOREPLACE placed it elsewhere
+      munmap(p, len);
+      return nullptr;
+    }
+    return static_cast<char*>(p);
+  }
+
+  // Runs `scenario` until it could map its address again (it returns false when MapAgain lost the
+  // address to another mapping), at most 5 times.
+  template <typename Scenario>
+  void WithRetries(Scenario scenario) {
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      if (scenario()) return;
+    }
+    FAIL() << "another mapping took the unmapped address 5 times in a row";
   }
 
   std::unique_ptr<PinRegistrar> pin_;
@@ -151,18 +172,22 @@ TEST_P(StaleRegistrationTest, CachedHitCostsNoRegistration) {
 }
 
 TEST_P(StaleRegistrationTest, MunmapThenMapAgainRegistersNewPages) {
-  const size_t len = 8 * kPage;
-  char* p = MapAnon(len);
-  std::memset(p, 'A', len);
-  uint64_t h1 = Handle(p, len);
-  ASSERT_EQ(munmap(p, len), 0);
-  AfterChange();
-  char* q = MapAnon(len, p);
-  std::memset(q, 'B', len);
-  uint64_t h2 = Handle(q, len);
-  EXPECT_NE(h2, h1) << "a hit on the unmapped registration";
-  EXPECT_GE(cache_->Stats().invalidations, 1u);
-  munmap(q, len);
+  WithRetries([&] {
+    const size_t len = 8 * kPage;
+    char* p = MapAnon(len);
+    std::memset(p, 'A', len);
+    uint64_t h1 = Handle(p, len);
+    EXPECT_EQ(munmap(p, len), 0);
+    AfterChange();
+    char* q = MapAgain(len, p);
+    if (q == nullptr) return false;
+    std::memset(q, 'B', len);
+    uint64_t h2 = Handle(q, len);
+    EXPECT_NE(h2, h1) << "a hit on the unmapped registration";
+    EXPECT_GE(cache_->Stats().invalidations, 1u);
+    munmap(q, len);
+    return true;
+  });
 }
 
 TEST_P(StaleRegistrationTest, MapFixedOverRegisteredRangeRegistersNewPages) {
@@ -179,23 +204,29 @@ TEST_P(StaleRegistrationTest, MapFixedOverRegisteredRangeRegistersNewPages) {
 }
 
 TEST_P(StaleRegistrationTest, MremapMoveRegistersNewPagesAtBothAddresses) {
-  const size_t len = 4 * kPage;
-  char* p = MapAnon(len);
-  char* target = MapAnon(len);  // a place to move to
-  std::memset(p, 'A', len);
-  uint64_t h1 = Handle(p, len);
-  void* moved = mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, target);
-  ASSERT_EQ(moved, target) << std::strerror(errno);
-  AfterChange();
-  char* again = MapAnon(len, p);
-  std::memset(again, 'B', len);
-  uint64_t h2 = Handle(again, len);
-  uint64_t h3 = Handle(target, len);
-  EXPECT_NE(h2, h1);
-  EXPECT_NE(h3, h1);
-  EXPECT_EQ(target[0], 'A') << "mremap moved the data";
-  munmap(again, len);
-  munmap(target, len);
+  WithRetries([&] {
+    const size_t len = 4 * kPage;
+    char* p = MapAnon(len);
+    char* target = MapAnon(len);  // a place to move to
+    std::memset(p, 'A', len);
+    uint64_t h1 = Handle(p, len);
+    void* moved = mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+    EXPECT_EQ(moved, target) << std::strerror(errno);
+    AfterChange();
+    uint64_t h3 = Handle(target, len);
+    EXPECT_NE(h3, h1);
+    EXPECT_EQ(target[0], 'A') << "mremap moved the data";
+    char* again = MapAgain(len, p);
+    if (again == nullptr) {
+      munmap(target, len);
+      return false;
+    }
+    std::memset(again, 'B', len);
+    EXPECT_NE(Handle(again, len), h1);
+    munmap(again, len);
+    munmap(target, len);
+    return true;
+  });
 }
 
 TEST_P(StaleRegistrationTest, MremapGrowRegistersTheGrownRange) {
@@ -209,9 +240,10 @@ TEST_P(StaleRegistrationTest, MremapGrowRegistersTheGrownRange) {
   std::memset(q, 'B', 64 * len);
   EXPECT_NE(Handle(q, 64 * len), h1);
   if (q != p) {
-    char* again = MapAnon(len, p);
-    EXPECT_NE(Handle(again, len), h1);
-    munmap(again, len);
+    if (char* again = MapAgain(len, p)) {  // else another mapping took it: nothing to check
+      EXPECT_NE(Handle(again, len), h1);
+      munmap(again, len);
+    }
   }
   munmap(q, 64 * len);
 }
@@ -238,20 +270,26 @@ TEST_P(StaleRegistrationTest, MadviseDontneedRegistersNewPages) {
 }
 
 TEST_P(StaleRegistrationTest, ShmdtThenMapAgainRegistersNewPages) {
-  const size_t len = 4 * kPage;
-  int id = shmget(IPC_PRIVATE, len, IPC_CREAT | 0600);
-  ASSERT_GE(id, 0) << std::strerror(errno);
-  char* p = static_cast<char*>(shmat(id, nullptr, 0));
-  ASSERT_NE(p, reinterpret_cast<char*>(-1)) << std::strerror(errno);
-  shmctl(id, IPC_RMID, nullptr);  // destroyed at detach
-  std::memset(p, 'A', len);
-  uint64_t h1 = Handle(p, len);
-  ASSERT_EQ(shmdt(p), 0);
-  AfterChange();
-  char* q = MapAnon(len, p);
-  std::memset(q, 'B', len);
-  EXPECT_NE(Handle(q, len), h1);
-  munmap(q, len);
+  WithRetries([&] {
+    const size_t len = 4 * kPage;
+    int id = shmget(IPC_PRIVATE, len, IPC_CREAT | 0600);
+    char* p = id < 0 ? reinterpret_cast<char*>(-1) : static_cast<char*>(shmat(id, nullptr, 0));
+    if (id < 0 || p == reinterpret_cast<char*>(-1)) {
+      ADD_FAILURE() << "shmget/shmat: " << std::strerror(errno);
+      return true;
+    }
+    shmctl(id, IPC_RMID, nullptr);  // destroyed at detach
+    std::memset(p, 'A', len);
+    uint64_t h1 = Handle(p, len);
+    EXPECT_EQ(shmdt(p), 0);
+    AfterChange();
+    char* q = MapAgain(len, p);
+    if (q == nullptr) return false;
+    std::memset(q, 'B', len);
+    EXPECT_NE(Handle(q, len), h1);
+    munmap(q, len);
+    return true;
+  });
 }
 
 // The brk scenario; returns 0 or the failed step (77: malloc moved the break meanwhile).
