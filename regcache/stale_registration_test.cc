@@ -420,19 +420,41 @@ TEST_P(StaleRegistrationTest, UnmapStormWhileOtherThreadsAcquire) {
   std::memset(arena, 1, kChunks * len);
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> errors{0}, acquires{0};
+  std::atomic<bool> owned[kChunks];  // whether the chunk's address is still this test's mapping
+  for (auto& o : owned) o.store(true);
   std::vector<std::thread> threads;
   // Mappers: each owns two chunks and replaces them, by munmap + mmap or by MAP_FIXED.
   for (int t = 0; t < 2; ++t) {
     threads.emplace_back([&, t] {
+      // After an munmap another thread's mapping (a thread stack, the sanitizer's allocator) may
+      // take the hole, so the chunk is mapped again with MAP_FIXED_NOREPLACE, never clobbering;
+      // a chunk that lost its address stays unmapped until a later round gets it back.
       std::mt19937_64 rng(seed + t);
+      bool mapped[2] = {true, true};
       for (int i = 0; i < 300; ++i) {
-        char* c = arena + (t * 2 + rng() % 2) * len;
-        if (rng() % 2 && munmap(c, len) != 0) errors.fetch_add(1);
-        if (mmap(c, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) !=
-            c) {
-          errors.fetch_add(1);
+        const int k = rng() % 2;
+        char* c = arena + (t * 2 + k) * len;
+        const int prot = PROT_READ | PROT_WRITE;
+        if (!mapped[k]) {
+          mapped[k] = mmap(c, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1,
+                           0) == c;
+        } else if (rng() % 2) {
+          if (munmap(c, len) != 0) errors.fetch_add(1);
+          void* q = mmap(c, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+          mapped[k] = q == c;
+          if (q != MAP_FAILED && q != c) munmap(q, len);
+        } else if (mmap(c, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != c) {
+          errors.fetch_add(1);  // replacing our own mapping in place cannot fail
         }
-        std::memset(c, i, len);
+        if (mapped[k]) std::memset(c, i, len);
+      }
+      for (int k = 0; k < 2; ++k) {  // leave every chunk mapped for the final check
+        char* c = arena + (t * 2 + k) * len;
+        for (int tries = 0; !mapped[k] && tries < 100; ++tries) {
+          mapped[k] = mmap(c, len, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) == c;
+        }
+        owned[t * 2 + k].store(mapped[k]);
       }
     });
   }
@@ -455,6 +477,7 @@ TEST_P(StaleRegistrationTest, UnmapStormWhileOtherThreadsAcquire) {
   cache.Flush();
   const uint64_t stale_during_storm = cache.Stats().stale_hits;
   for (int c = 0; c < kChunks; ++c) {
+    if (!owned[c].load()) continue;  // another mapping holds the address now
     auto r = cache.Acquire(arena + c * len, len, kRw);
     EXPECT_TRUE(r.ok()) << "chunk " << c << ": a stale region survived the storm: " << r.status();
   }
@@ -462,7 +485,9 @@ TEST_P(StaleRegistrationTest, UnmapStormWhileOtherThreadsAcquire) {
   std::printf("storm: %llu acquires, %llu verification races during the storm\n",
               static_cast<unsigned long long>(acquires.load()),
               static_cast<unsigned long long>(stale_during_storm));
-  munmap(arena, kChunks * len);
+  for (int c = 0; c < kChunks; ++c) {
+    if (owned[c].load()) munmap(arena + c * len, len);  // never another thread's mapping
+  }
 }
 
 // A registrar that itself allocates, maps and unmaps (re-entrancy): the hooks fire inside the
