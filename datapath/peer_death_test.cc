@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "datapath/fd_io.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
@@ -26,27 +27,6 @@ using testing::Buffer;
 
 constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
 constexpr size_t kRegion = 16 << 20;
-
-bool WriteFull(int fd, const void* p, size_t n) {
-  const char* c = static_cast<const char*>(p);
-  while (n > 0) {
-    ssize_t w = write(fd, c, n);
-    if (w <= 0) return false;
-    c += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-bool ReadFull(int fd, void* p, size_t n) {
-  char* c = static_cast<char*>(p);
-  while (n > 0) {
-    ssize_t r = read(fd, c, n);
-    if (r <= 0) return false;
-    c += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
 
 // The child: connects to `port`, exposes a 16 MiB region filled with pattern 7, sends its
 // descriptor up `out`, then blocks until killed. Exit codes say where it failed.
