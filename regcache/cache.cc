@@ -14,8 +14,8 @@
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "regcache/uffd_monitor.h"
 #include "regcache/stats_segment.h"
+#include "regcache/uffd_monitor.h"
 
 namespace sanreg {
 
@@ -386,8 +386,8 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   r->start.store(start, std::memory_order_relaxed);
   r->end.store(end, std::memory_order_relaxed);
   r->access.store(access, std::memory_order_relaxed);
-  r->created = NowTicks();
-  r->last_use.store(r->created, std::memory_order_relaxed);
+  const uint64_t created = NowTicks();
+  r->last_use.store(created, std::memory_order_relaxed);
   uint64_t inc = Incarnation(r->state.load(std::memory_order_relaxed)) + 1;
   ++slow_stats_.registrations;
   uint64_t pinned = pinned_bytes_.fetch_add(len, std::memory_order_relaxed) + len;
@@ -403,7 +403,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   r->node = tree_.Insert(start, end, r);
   ++live_regions_;
   live_bytes_ += len;
-  PushHeap(r, Priority(r, r->created));
+  PushHeap(r, Priority(r, created));
   MaybeGrowTable();
   FillSlot(a >> page_shift_, r);
   return RegionRef(this, r);

@@ -33,7 +33,6 @@ void InvalidationQueue::Lock() {
 
 void InvalidationQueue::Push(uintptr_t start, uintptr_t end) {
   if (end <= start) return;
-  pushes_.fetch_add(1, std::memory_order_relaxed);
   pending_.fetch_add(1, std::memory_order_acq_rel);
   Lock();
   ++undrained_;

@@ -67,8 +67,7 @@ class InvalidationQueue {
   // Complete that covers it. Read on the hit path.
   uint32_t pending() const { return pending_.load(std::memory_order_acquire); }
 
-  // Ranges pushed, and pushes that had to widen an entry because the queue was full.
-  uint64_t pushes() const { return pushes_.load(std::memory_order_relaxed); }
+  // Pushes that had to widen an entry because the queue was full.
   uint64_t overflows() const { return overflows_.load(std::memory_order_relaxed); }
 
  private:
@@ -80,7 +79,6 @@ class InvalidationQueue {
   int size_ = 0;                           // guarded by lock_
   uint32_t undrained_ = 0;                 // pushes since the last Drain, guarded by lock_
   std::array<Range, kCapacity> ranges_{};  // guarded by lock_
-  std::atomic<uint64_t> pushes_{0};
   std::atomic<uint64_t> overflows_{0};
 };
 

@@ -163,11 +163,7 @@ bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
   reg.range.start = addr;
   reg.range.len = len;
   reg.mode = write_protect_mode_ ? UFFDIO_REGISTER_MODE_WP : UFFDIO_REGISTER_MODE_MISSING;
-  if (ioctl(fd_, UFFDIO_REGISTER, &reg) != 0) {
-    watch_failures_.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+  return ioctl(fd_, UFFDIO_REGISTER, &reg) == 0;
 }
 
 void UffdMonitor::ReaderLoop() {
@@ -190,7 +186,6 @@ void UffdMonitor::ReaderLoop() {
       const struct uffd_msg& m = msgs[i];
       switch (m.event) {
         case UFFD_EVENT_UNMAP:
-          events_.fetch_add(1, std::memory_order_relaxed);
           PublishMemoryEvent(m.arg.remove.start, m.arg.remove.end - m.arg.remove.start,
                              MemoryEventKind::kUnmap, MemoryEventSource::kUffd);
           for (int k = 0; k < kMarkers; ++k) {
@@ -201,7 +196,6 @@ void UffdMonitor::ReaderLoop() {
           }
           break;
         case UFFD_EVENT_REMOVE: {
-          events_.fetch_add(1, std::memory_order_relaxed);
           // The range stays watched: unregistering it here could race with a new mapping at the
           // same address that a cache has just watched, and silence its unmap. Later faults on
           // the dropped pages come to the reader, which serves zero pages as the kernel would.
@@ -210,7 +204,6 @@ void UffdMonitor::ReaderLoop() {
           break;
         }
         case UFFD_EVENT_REMAP:
-          events_.fetch_add(1, std::memory_order_relaxed);
           PublishMemoryEvent(m.arg.remap.from, m.arg.remap.len, MemoryEventKind::kRemap,
                              MemoryEventSource::kUffd);
           break;
@@ -218,7 +211,6 @@ void UffdMonitor::ReaderLoop() {
           // Missing mode only. Livelock breaker: a fault that keeps failing with EAGAIN (the
           // kernel populating a locked mapping that mremap is moving, which holds the descriptor's
           // "mapping changing" count until the populate ends) gets its page unwatched.
-          faults_.fetch_add(1, std::memory_order_relaxed);
           uintptr_t a = m.arg.pagefault.address & ~(page - 1);
           struct uffdio_zeropage z = {};
           z.range.start = a;

@@ -60,9 +60,6 @@ class UffdMonitor {
   bool Sync();
 
   bool write_protect_mode() const { return write_protect_mode_; }
-  uint64_t events() const { return events_.load(std::memory_order_relaxed); }
-  uint64_t faults_served() const { return faults_.load(std::memory_order_relaxed); }
-  uint64_t watch_failures() const { return watch_failures_.load(std::memory_order_relaxed); }
 
  private:
   UffdMonitor() = default;
@@ -74,9 +71,6 @@ class UffdMonitor {
   bool write_protect_mode_ = false;
   std::atomic<uintptr_t> markers_[kMarkers] = {};  // marker pages of Syncs in progress
   std::atomic<bool> marker_seen_[kMarkers] = {};
-  std::atomic<uint64_t> events_{0};
-  std::atomic<uint64_t> faults_{0};
-  std::atomic<uint64_t> watch_failures_{0};
 };
 
 }  // namespace sanreg

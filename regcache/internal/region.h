@@ -55,7 +55,6 @@ struct alignas(64) Region {
   uint64_t cost_ticks = 0;  // what registering it cost, for the cost-aware policy
   // Guarded by the cache lock.
   IntervalTree<Region*>::Handle node = nullptr;
-  uint64_t created = 0;
   // Guarded by the pool lock.
   Region* next_free = nullptr;
 };
