@@ -422,7 +422,8 @@ int WSPConnect(SOCKET s, const struct sockaddr* name, int namelen, LPWSABUF call
   return 0;
 }
 
-int WSPGetSockName(SOCKET s, struct sockaddr* name, LPINT namelen, LPINT err) {
+// getsockname or getpeername on the socket's control connection. A peer name needs a connection.
+int SocketName(SOCKET s, struct sockaddr* name, LPINT namelen, LPINT err, bool peer) {
   State* st = GetState(err);
   if (st == nullptr || err == nullptr) return SOCKET_ERROR;
   std::shared_ptr<Socket> sock = FindSocket(st, s);
@@ -431,27 +432,20 @@ int WSPGetSockName(SOCKET s, struct sockaddr* name, LPINT namelen, LPINT err) {
     return Fail(err, WSAEFAULT);
   }
   std::lock_guard<std::mutex> l(sock->mu);
-  if (sock->fd < 0) return Fail(err, WSAEINVAL);
+  if (peer ? sock->ep == nullptr : sock->fd < 0) return Fail(err, peer ? WSAENOTCONN : WSAEINVAL);
   socklen_t len = static_cast<socklen_t>(*namelen);
-  if (getsockname(sock->fd, name, &len) != 0) return Fail(err, WsaFromErrno(errno));
+  int rc = peer ? getpeername(sock->fd, name, &len) : getsockname(sock->fd, name, &len);
+  if (rc != 0) return Fail(err, WsaFromErrno(errno));
   *namelen = static_cast<int>(len);
   return 0;
 }
 
+int WSPGetSockName(SOCKET s, struct sockaddr* name, LPINT namelen, LPINT err) {
+  return SocketName(s, name, namelen, err, /*peer=*/false);
+}
+
 int WSPGetPeerName(SOCKET s, struct sockaddr* name, LPINT namelen, LPINT err) {
-  State* st = GetState(err);
-  if (st == nullptr || err == nullptr) return SOCKET_ERROR;
-  std::shared_ptr<Socket> sock = FindSocket(st, s);
-  if (sock == nullptr) return Fail(err, WSAENOTSOCK);
-  if (name == nullptr || namelen == nullptr || *namelen < static_cast<int>(sizeof(sockaddr_in))) {
-    return Fail(err, WSAEFAULT);
-  }
-  std::lock_guard<std::mutex> l(sock->mu);
-  if (sock->ep == nullptr) return Fail(err, WSAENOTCONN);
-  socklen_t len = static_cast<socklen_t>(*namelen);
-  if (getpeername(sock->fd, name, &len) != 0) return Fail(err, WsaFromErrno(errno));
-  *namelen = static_cast<int>(len);
-  return 0;
+  return SocketName(s, name, namelen, err, /*peer=*/true);
 }
 
 int WSPCloseSocket(SOCKET s, LPINT err) {
