@@ -145,7 +145,7 @@ struct State {
   }
 };
 
-std::mutex g_mu;          // guards g_state
+std::mutex g_mu;           // guards g_state
 State* g_state = nullptr;  // owned; created by the first WSPStartupEx
 
 // Waiters of WSPGetOverlappedResult(wait = TRUE): every completion stores ov->Internal under
@@ -248,14 +248,14 @@ SOCKET WSPJoinLeaf(SOCKET, const struct sockaddr*, int, LPWSABUF, LPWSABUF, LPQO
   return INVALID_SOCKET;
 }
 int WSPRecvDisconnect(SOCKET, LPWSABUF, LPINT err) { return NotSupported(err); }
-int WSPRecvFrom(SOCKET, LPWSABUF, DWORD, LPDWORD, LPDWORD, struct sockaddr*, LPINT,
-                LPWSAOVERLAPPED, LPWSAOVERLAPPED_COMPLETION_ROUTINE, LPWSATHREADID, LPINT err) {
+int WSPRecvFrom(SOCKET, LPWSABUF, DWORD, LPDWORD, LPDWORD, struct sockaddr*, LPINT, LPWSAOVERLAPPED,
+                LPWSAOVERLAPPED_COMPLETION_ROUTINE, LPWSATHREADID, LPINT err) {
   return NotSupported(err);
 }
 int WSPSelect(int, void*, void*, void*, const void*, LPINT err) { return NotSupported(err); }
 int WSPSendDisconnect(SOCKET, LPWSABUF, LPINT err) { return NotSupported(err); }
-int WSPSendTo(SOCKET, LPWSABUF, DWORD, LPDWORD, DWORD, const struct sockaddr*, int,
-              LPWSAOVERLAPPED, LPWSAOVERLAPPED_COMPLETION_ROUTINE, LPWSATHREADID, LPINT err) {
+int WSPSendTo(SOCKET, LPWSABUF, DWORD, LPDWORD, DWORD, const struct sockaddr*, int, LPWSAOVERLAPPED,
+              LPWSAOVERLAPPED_COMPLETION_ROUTINE, LPWSATHREADID, LPINT err) {
   return NotSupported(err);
 }
 int WSPShutdown(SOCKET, int, LPINT err) { return NotSupported(err); }
@@ -630,7 +630,8 @@ int WSPRegisterRdmaMemory(SOCKET s, PVOID buf, DWORD len, DWORD flags, LPVOID de
                          ? WSAEFAULT
                          : WsaErrorFromStatus(pin.status()));
   }
-  absl::StatusOr<Registration> reg = st->registrar->Register(addr, len, LocalAccess(flags) | rights);
+  absl::StatusOr<Registration> reg =
+      st->registrar->Register(addr, len, LocalAccess(flags) | rights);
   if (!reg.ok()) return Fail(err, WsaErrorFromStatus(reg.status()));
   auto e = std::make_shared<RdmaEntry>();
   e->socket = static_cast<uint64_t>(s);
@@ -658,9 +659,8 @@ int WSPRegisterRdmaMemory(SOCKET s, PVOID buf, DWORD len, DWORD flags, LPVOID de
       st->rdmas.Remove(id);
     }
     (void)st->registrar->Deregister(*reg);
-    return Fail(err, ser.code() == absl::StatusCode::kFailedPrecondition
-                         ? WSAEOPNOTSUPP
-                         : WsaErrorFromStatus(ser));
+    return Fail(err, ser.code() == absl::StatusCode::kFailedPrecondition ? WSAEOPNOTSUPP
+                                                                         : WsaErrorFromStatus(ser));
   }
   {
     std::lock_guard<std::mutex> l(st->mu);
@@ -846,8 +846,8 @@ int Rdma(bool write, SOCKET s, LPWSABUFEX bufs, DWORD count, LPVOID desc, DWORD 
     ep = op->sock->ep.get();
   }
   absl::Status posted = ep == nullptr ? absl::FailedPreconditionError("not connected")
-                        : write      ? ep->Write({sg, count}, *region, offset, &op->c)
-                                     : ep->Read({sg, count}, *region, offset, &op->c);
+                        : write       ? ep->Write({sg, count}, *region, offset, &op->c)
+                                      : ep->Read({sg, count}, *region, offset, &op->c);
   if (!posted.ok()) {
     {
       std::lock_guard<std::mutex> l(st->mu);
@@ -867,14 +867,14 @@ int Rdma(bool write, SOCKET s, LPWSABUFEX bufs, DWORD count, LPVOID desc, DWORD 
   return Fail(err, WSA_IO_PENDING);
 }
 
-int WSPRdmaWrite(SOCKET s, LPWSABUFEX bufs, DWORD count, LPVOID desc, DWORD desc_len,
-                 DWORD offset, LPDWORD bytes, DWORD flags, LPWSAOVERLAPPED ov,
+int WSPRdmaWrite(SOCKET s, LPWSABUFEX bufs, DWORD count, LPVOID desc, DWORD desc_len, DWORD offset,
+                 LPDWORD bytes, DWORD flags, LPWSAOVERLAPPED ov,
                  LPWSAOVERLAPPED_COMPLETION_ROUTINE routine, LPWSATHREADID thread, LPINT err) {
   return Rdma(true, s, bufs, count, desc, desc_len, offset, bytes, flags, ov, routine, err);
 }
 
-int WSPRdmaRead(SOCKET s, LPWSABUFEX bufs, DWORD count, LPVOID desc, DWORD desc_len,
-                DWORD offset, LPDWORD bytes, DWORD flags, LPWSAOVERLAPPED ov,
+int WSPRdmaRead(SOCKET s, LPWSABUFEX bufs, DWORD count, LPVOID desc, DWORD desc_len, DWORD offset,
+                LPDWORD bytes, DWORD flags, LPWSAOVERLAPPED ov,
                 LPWSAOVERLAPPED_COMPLETION_ROUTINE routine, LPWSATHREADID thread, LPINT err) {
   return Rdma(false, s, bufs, count, desc, desc_len, offset, bytes, flags, ov, routine, err);
 }
@@ -898,9 +898,8 @@ BOOL WSPGetOverlappedResult(SOCKET s, LPWSAOVERLAPPED ov, LPDWORD bytes, BOOL wa
       return FALSE;
     }
     std::unique_lock<std::mutex> l(g_done_mu);
-    g_done_cv.wait(l, [&] {
-      return internal.load(std::memory_order_acquire) != WSS_OPERATION_IN_PROGRESS;
-    });
+    g_done_cv.wait(
+        l, [&] { return internal.load(std::memory_order_acquire) != WSS_OPERATION_IN_PROGRESS; });
   }
   *bytes = static_cast<DWORD>(ov->InternalHigh);
   *flags = 0;
@@ -1082,8 +1081,7 @@ int WSPCleanup(LPINT err) {
   std::vector<std::shared_ptr<Socket>> socks;
   {
     std::lock_guard<std::mutex> l(dead->mu);
-    dead->sockets.ForEach(
-        [&](uint64_t, const std::shared_ptr<Socket>& s) { socks.push_back(s); });
+    dead->sockets.ForEach([&](uint64_t, const std::shared_ptr<Socket>& s) { socks.push_back(s); });
   }
   for (auto& s : socks) {
     std::lock_guard<std::mutex> l(s->mu);
@@ -1176,16 +1174,36 @@ extern "C" SANREG_SPI_API int WSPStartupEx(WORD version, LPWSPDATA data, LPWSAPR
     for (size_t i = 0; i + 1 < sizeof kDesc; ++i) data->szDescription[i] = kDesc[i];
   }
   *procs = WSPPROC_TABLE{
-      &WSPAccept,          &WSPAddressToString,     &WSPAsyncSelect,
-      &WSPBind,            &WSPCancelBlockingCall,  &WSPCleanup,
-      &WSPCloseSocket,     &WSPConnect,             &WSPDuplicateSocket,
-      &WSPEnumNetworkEvents, &WSPEventSelect,       &WSPGetOverlappedResult,
-      &WSPGetPeerName,     &WSPGetSockName,         &WSPGetSockOpt,
-      &WSPGetQOSByName,    &WSPIoctl,               &WSPJoinLeaf,
-      &WSPListen,          &WSPRecv,                &WSPRecvDisconnect,
-      &WSPRecvFrom,        &WSPSelect,              &WSPSend,
-      &WSPSendDisconnect,  &WSPSendTo,              &WSPSetSockOpt,
-      &WSPShutdown,        &WSPSocket,              &WSPStringToAddress,
+      &WSPAccept,
+      &WSPAddressToString,
+      &WSPAsyncSelect,
+      &WSPBind,
+      &WSPCancelBlockingCall,
+      &WSPCleanup,
+      &WSPCloseSocket,
+      &WSPConnect,
+      &WSPDuplicateSocket,
+      &WSPEnumNetworkEvents,
+      &WSPEventSelect,
+      &WSPGetOverlappedResult,
+      &WSPGetPeerName,
+      &WSPGetSockName,
+      &WSPGetSockOpt,
+      &WSPGetQOSByName,
+      &WSPIoctl,
+      &WSPJoinLeaf,
+      &WSPListen,
+      &WSPRecv,
+      &WSPRecvDisconnect,
+      &WSPRecvFrom,
+      &WSPSelect,
+      &WSPSend,
+      &WSPSendDisconnect,
+      &WSPSendTo,
+      &WSPSetSockOpt,
+      &WSPShutdown,
+      &WSPSocket,
+      &WSPStringToAddress,
   };
   return 0;
 }
