@@ -937,21 +937,43 @@ void CompleteNow(LPWSAOVERLAPPED ov, DWORD bytes) {
   std::atomic_ref<ULONG_PTR>(ov->Internal).store(0, std::memory_order_release);
 }
 
+// The checks WSPSend and WSPRecv share: a started provider, no completion routine, buffers and a
+// byte count to fill, a connected socket, and buffers that registrations of `s` cover with
+// `access`. Returns the socket, or nullptr with *err set.
+std::shared_ptr<Socket> MessageSocket(SOCKET s, LPWSABUF bufs, DWORD count, LPDWORD bytes,
+                                      LPWSAOVERLAPPED_COMPLETION_ROUTINE routine, uint32_t access,
+                                      LPINT err) {
+  State* st = GetState(err);
+  if (st == nullptr || err == nullptr) return nullptr;
+  if (routine != nullptr) {
+    Fail(err, WSAEOPNOTSUPP);
+    return nullptr;
+  }
+  if (bufs == nullptr || bytes == nullptr) {
+    Fail(err, WSAEFAULT);
+    return nullptr;
+  }
+  if (count == 0) {
+    Fail(err, WSAEINVAL);
+    return nullptr;
+  }
+  std::shared_ptr<Socket> sock = ConnectedSocket(st, s, err);
+  if (sock == nullptr) return nullptr;
+  std::lock_guard<std::mutex> l(st->mu);
+  if (!CoveredLocked(st, s, bufs, count, access)) {
+    Fail(err, WSAEFAULT);
+    return nullptr;
+  }
+  return sock;
+}
+
 int WSPSend(SOCKET s, LPWSABUF bufs, DWORD count, LPDWORD bytes_sent, DWORD flags,
             LPWSAOVERLAPPED ov, LPWSAOVERLAPPED_COMPLETION_ROUTINE routine, LPWSATHREADID thread,
             LPINT err) {
-  State* st = GetState(err);
-  if (st == nullptr || err == nullptr) return SOCKET_ERROR;
-  if (routine != nullptr) return Fail(err, WSAEOPNOTSUPP);
-  if (bufs == nullptr || bytes_sent == nullptr) return Fail(err, WSAEFAULT);
-  if (count == 0) return Fail(err, WSAEINVAL);
-  std::shared_ptr<Socket> sock = ConnectedSocket(st, s, err);
+  std::shared_ptr<Socket> sock =
+      MessageSocket(s, bufs, count, bytes_sent, routine, kAccessLocalRead, err);
   if (sock == nullptr) return SOCKET_ERROR;
   uint64_t total = 0;
-  {
-    std::lock_guard<std::mutex> l(st->mu);
-    if (!CoveredLocked(st, s, bufs, count, kAccessLocalRead)) return Fail(err, WSAEFAULT);
-  }
   for (DWORD i = 0; i < count; ++i) total += bufs[i].len;
   if (total > UINT32_MAX) return Fail(err, WSAEMSGSIZE);
   std::lock_guard<std::mutex> l(sock->send_mu);
@@ -967,19 +989,9 @@ int WSPSend(SOCKET s, LPWSABUF bufs, DWORD count, LPDWORD bytes_sent, DWORD flag
 int WSPRecv(SOCKET s, LPWSABUF bufs, DWORD count, LPDWORD bytes_recvd, LPDWORD flags,
             LPWSAOVERLAPPED ov, LPWSAOVERLAPPED_COMPLETION_ROUTINE routine, LPWSATHREADID thread,
             LPINT err) {
-  State* st = GetState(err);
-  if (st == nullptr || err == nullptr) return SOCKET_ERROR;
-  if (routine != nullptr) return Fail(err, WSAEOPNOTSUPP);
-  if (bufs == nullptr || bytes_recvd == nullptr) return Fail(err, WSAEFAULT);
-  if (count == 0) return Fail(err, WSAEINVAL);
-  std::shared_ptr<Socket> sock = ConnectedSocket(st, s, err);
+  std::shared_ptr<Socket> sock = MessageSocket(s, bufs, count, bytes_recvd, routine,
+                                               kAccessLocalRead | kAccessLocalWrite, err);
   if (sock == nullptr) return SOCKET_ERROR;
-  {
-    std::lock_guard<std::mutex> l(st->mu);
-    if (!CoveredLocked(st, s, bufs, count, kAccessLocalRead | kAccessLocalWrite)) {
-      return Fail(err, WSAEFAULT);
-    }
-  }
   std::lock_guard<std::mutex> l(sock->recv_mu);
   uint32_t header = 0;
   if (!ReadFull(sock->fd, &header, sizeof header)) return Fail(err, WSAECONNRESET);
