@@ -207,6 +207,12 @@ Config ValidatedConfig() {
 
 // ---- the target process ---------------------------------------------------------------------
 
+// The target's failures go to stderr (the initiator then reports what it saw) and the exit code.
+[[noreturn]] void TargetFail(const char* step, const absl::Status& s, int code) {
+  std::fprintf(stderr, "sanreg_bench: target: %s: %s\n", step, s.ToString().c_str());
+  _exit(code);
+}
+
 // Messages up the pipe from the target: the provider it opened (a length-prefixed string), the
 // port it listens on, then the region's wire form.
 [[noreturn]] void RunTarget(const std::string& fabric, size_t region_bytes, int in, int out) {
@@ -226,25 +232,22 @@ Config ValidatedConfig() {
   if (f == nullptr) _exit(3);
   uint32_t n = static_cast<uint32_t>(o.provider.size());
   auto listener = f->Listen("127.0.0.1:0");
-  if (!listener.ok()) _exit(4);
+  if (!listener.ok()) TargetFail("listen", listener.status(), 4);
   uint16_t port = (*listener)->port();
   if (!WriteFull(out, &n, sizeof n) || !WriteFull(out, o.provider.data(), n) ||
       !WriteFull(out, &port, sizeof port)) {
     _exit(5);
   }
   auto ep = (*listener)->Accept();
-  if (!ep.ok()) _exit(6);
+  if (!ep.ok()) TargetFail("accept", ep.status(), 6);
   PinRegistrar pin;
   std::unique_ptr<Registrar> reg = f->NewRegistrar(&pin);
   void* p = mmap(nullptr, region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) _exit(7);
   auto r = reg->Register(reinterpret_cast<uintptr_t>(p), region_bytes, kLocal | kRemoteRw);
-  if (!r.ok()) {
-    std::fprintf(stderr, "sanreg_bench: target: %s\n", r.status().ToString().c_str());
-    _exit(8);
-  }
+  if (!r.ok()) TargetFail("register", r.status(), 8);
   auto region = (*ep)->Expose(*r, p, region_bytes, kRemoteRw);
-  if (!region.ok()) _exit(9);
+  if (!region.ok()) TargetFail("expose", region.status(), 9);
   std::array<uint8_t, RemoteRegion::kWireSize> wire;
   if (!region->Serialize(wire).ok() || !WriteFull(out, wire.data(), wire.size())) _exit(10);
   char c;

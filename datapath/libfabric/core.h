@@ -81,6 +81,7 @@ class FabricCore {
   fid_domain* domain_ = nullptr;
   std::string provider_name_;
   bool is_tcp_ = false;
+  bool is_shm_ = false;
   bool virt_addr_ = false;     // FI_MR_VIRT_ADDR: remote addresses are virtual addresses
   bool prov_key_ = false;      // FI_MR_PROV_KEY: the provider picks keys
   bool remote_read_always_ = false;  // the provider makes every registration remotely readable

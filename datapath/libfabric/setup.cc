@@ -8,15 +8,23 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 #include <poll.h>
+#include <dirent.h>
+#include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
@@ -64,26 +72,36 @@ constexpr EnvOverride kEnvOverrides[] = {
 };
 
 // The hello each side sends on the out-of-band socket: who it is and where its provider endpoint
-// listens. Fixed header, then the provider name, then the provider address.
+// listens. Fixed header, then the provider name, then the provider address. A listener that
+// cannot take the connection answers with a refusal instead: `refusal` holds the absl::StatusCode
+// and the name field the reason, so the connecting side reports the real cause.
 struct HelloHeader {
   uint32_t magic;
   uint16_t version;
   uint16_t provider_len;
   uint16_t name_len;
-  uint16_t reserved;
-  uint32_t reserved2;
+  uint16_t refusal;  // 0: accepted
+  uint32_t reserved;
   uint64_t connection_id;
 };
 static_assert(sizeof(HelloHeader) == 24);
 
 absl::Status SendHello(int fd, const std::string& provider, const std::string& name,
-                       uint64_t connection_id) {
+                       uint64_t connection_id, uint16_t refusal = 0) {
   HelloHeader h = {kHelloMagic, kHelloVersion, static_cast<uint16_t>(provider.size()),
-                   static_cast<uint16_t>(name.size()), 0, 0, connection_id};
+                   static_cast<uint16_t>(name.size()), refusal, 0, connection_id};
   std::string buf(reinterpret_cast<const char*>(&h), sizeof h);
   buf += provider;
   buf += name;
   return SendAll(fd, buf.data(), buf.size(), absl::Now() + kHandshakeTimeout);
+}
+
+// Tells the connecting peer why this side cannot take its connection (best effort: the socket is
+// closed right after).
+void SendRefusal(int fd, const std::string& provider, const absl::Status& why) {
+  std::string reason(why.message().substr(0, kMaxName));
+  if (reason.empty()) reason = "refused";
+  (void)SendHello(fd, provider, reason, 0, static_cast<uint16_t>(why.code()));
 }
 
 struct Hello {
@@ -108,7 +126,57 @@ absl::StatusOr<Hello> RecvHello(int fd) {
   s = RecvAll(fd, out.provider.data(), out.provider.size(), deadline);
   if (s.ok()) s = RecvAll(fd, out.name.data(), out.name.size(), deadline);
   if (!s.ok()) return s;
+  if (h.refusal != 0) {
+    absl::StatusCode code = static_cast<absl::StatusCode>(h.refusal);
+    // Unavailable when the code is one this side does not know, or one a caller would read as
+    // its own mistake.
+    if (h.refusal > static_cast<uint16_t>(absl::StatusCode::kUnauthenticated) ||
+        code == absl::StatusCode::kInvalidArgument) {
+      code = absl::StatusCode::kUnavailable;
+    }
+    return absl::Status(code, absl::StrCat("the listener refused the connection: ", out.name));
+  }
   return out;
+}
+
+// shm (libfabric 1.17) names an endpoint's shared-memory region "<pid>:<uid>:<index>" in /dev/shm
+// and creates it with O_EXCL. A process that dies before closing its endpoints (SIGKILL, _exit)
+// leaves its regions there, 16 MiB of tmpfs each, and a later process that gets the same pid then
+// fails fi_enable with EBUSY. So every shm endpoint here gets a name of its own,
+// "sanreg-<pid namespace>-<pid>-<64 random bits>-<counter>", and opening a shm fabric removes the
+// regions of processes of this pid namespace that are gone.
+constexpr char kShmNamePrefix[] = "sanreg-";
+
+// The inode of this process's pid namespace: pids are only comparable within one.
+uint64_t PidNamespace() {
+  struct stat st = {};
+  if (stat("/proc/self/ns/pid", &st) != 0) return 0;
+  return st.st_ino;
+}
+
+std::string NewShmName() {
+  static const uint64_t process_salt = RandomU64();
+  static std::atomic<uint64_t> counter{0};
+  return absl::StrCat(kShmNamePrefix, PidNamespace(), "-", getpid(), "-",
+                      absl::Hex(process_salt ^ static_cast<uint64_t>(getpid()), absl::kZeroPad16),
+                      "-", counter.fetch_add(1));
+}
+
+// Removes the shm regions left by processes of this pid namespace that no longer exist.
+void SweepDeadShmRegions() {
+  DIR* dir = opendir("/dev/shm");
+  if (dir == nullptr) return;
+  const std::string ours = absl::StrCat(kShmNamePrefix, PidNamespace(), "-");
+  while (dirent* e = readdir(dir)) {
+    absl::string_view name = e->d_name;
+    if (!absl::StartsWith(name, ours)) continue;
+    absl::string_view rest = name.substr(ours.size());
+    int64_t pid = 0;
+    if (!absl::SimpleAtoi(rest.substr(0, rest.find('-')), &pid) || pid <= 0) continue;
+    if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    shm_unlink(e->d_name);
+  }
+  closedir(dir);
 }
 
 fi_info* MakeHints(const std::string& provider, uint64_t mr_mode) {
@@ -190,12 +258,14 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   info_->next = nullptr;
   provider_name_ = info_->fabric_attr->prov_name;
   is_tcp_ = prov == "tcp";
+  is_shm_ = provider_name_ == "shm";
+  if (is_shm_) SweepDeadShmRegions();
   virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
   prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
   // Quirk (libfabric 1.17, ofi_rxm): rxm_mr_get_msg_access adds FI_REMOTE_READ to every
   // registration it passes to the core provider (rendezvous reads), whatever the caller asked.
   remote_read_always_ = provider_name_.find("ofi_rxm") != std::string::npos;
-  check_peer_before_post_ = provider_name_ == "shm";
+  check_peer_before_post_ = is_shm_;
   iov_limit_ = std::min<size_t>(info_->tx_attr->iov_limit, Completion::kMaxSge);
   max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
   if ((rc = fi_fabric(info_->fabric_attr, &fabric_, nullptr)) != 0) return FiError("fi_fabric", -rc);
@@ -386,6 +456,11 @@ absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,
     memcpy(info->src_addr, &local, sizeof local);
     info->src_addrlen = sizeof local;
     info->addr_format = FI_SOCKADDR_IN;
+  } else if (is_shm_) {
+    std::string name = NewShmName();
+    free(info->src_addr);
+    info->src_addr = strdup(name.c_str());
+    info->src_addrlen = name.size() + 1;
   }
   auto ep = std::make_shared<EndpointCore>(this, connection_id);
   ep->sock_ = sock;
@@ -424,6 +499,15 @@ absl::Status EndpointCore::OpenProvider(fi_info* info) {
 }
 
 absl::Status InsertPeer(EndpointCore* ep, const std::string& name) {
+  // The provider reads an address of its own format's length: a peer's must have the length of
+  // ours (tcp: a sockaddr_in) or, on shm, be one terminated string.
+  const bool well_formed =
+      ep->fabric_->is_shm_ ? name.size() >= 2 && name.find('\0') == name.size() - 1
+                           : name.size() == ep->local_name_.size();
+  if (!well_formed) {
+    return absl::UnavailableError(absl::StrCat("the peer sent a malformed provider address (",
+                                               name.size(), " bytes)"));
+  }
   int n = fi_av_insert(ep->av_, name.data(), 1, &ep->peer_, 0, nullptr);
   if (n != 1) return absl::UnavailableError("fi_av_insert of the peer's address failed");
   return absl::OkStatus();
@@ -571,6 +655,7 @@ absl::StatusOr<std::unique_ptr<Endpoint>> ListenerCore::Accept() {
     if (s.ok()) s = SendHello(fd, core->provider_name_, (*ep)->local_name_, id);
     if (!s.ok()) {
       if (ep.ok()) (*ep)->sock_ = -1;
+      SendRefusal(fd, core->provider_name_, s);
       close(fd);
       return s;
     }
