@@ -29,6 +29,27 @@ WaitShard& ShardFor(const void* p) {
   return shards[(reinterpret_cast<uintptr_t>(p) >> 6) % kWaitShards];
 }
 
+// Whether a provider's errno says the connection itself failed.
+bool IsConnectionErrno(int e) {
+  switch (e) {
+    case ENOTCONN:
+    case ECONNRESET:
+    case ECONNABORTED:
+    case ECONNREFUSED:
+    case EPIPE:
+    case ESHUTDOWN:
+    case ETIMEDOUT:
+    case EHOSTUNREACH:
+    case EHOSTDOWN:
+    case ENETUNREACH:
+    case ENETDOWN:
+    case ENETRESET:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 void Completion::Wait() {
@@ -225,11 +246,15 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       if (fi_cq_readerr(cq_, &err, 0) == 1) {
         failed = static_cast<Completion*>(err.op_context);
         // The target's provider refusing an access (key, bounds, rights) arrives as FI_ECANCELED
-        // (tcp); anything else, or any error while the peer's socket is gone, is a lost peer.
+        // (tcp) with the target's answer in prov_errno (ENOENT); an operation cut off by the
+        // connection's failure arrives as FI_ECANCELED too, but with the socket's errno
+        // (ENOTCONN, ECONNRESET, ...), often before the out-of-band socket shows the death.
+        // Anything else, or any error while the peer's socket is gone, is a lost peer.
         pollfd p = {sock_, POLLIN | POLLRDHUP, 0};
         bool peer_gone = poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP));
-        if (!peer_gone && (err.err == FI_ECANCELED || err.err == FI_EACCES ||
-                           err.err == FI_EPERM || err.err == FI_EINVAL || err.err == FI_ENOKEY)) {
+        if (!peer_gone && !IsConnectionErrno(err.prov_errno) &&
+            (err.err == FI_ECANCELED || err.err == FI_EACCES || err.err == FI_EPERM ||
+             err.err == FI_EINVAL || err.err == FI_ENOKEY)) {
           failed_status = absl::PermissionDeniedError("the target refused the access");
         } else {
           failed_status = FiError("operation failed", err.err);
