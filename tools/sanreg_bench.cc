@@ -17,9 +17,18 @@
 // Every operation is synchronous (register, write, wait for the completion, release), so the
 // latency printed is that of one pin-down write; ops/s are summed over --threads threads.
 //
+// --via: the API both processes go through. cpp: the C++ API (Fabric, Endpoint, RegistrationCache;
+// the registrar counted and timed directly). spi: the SAN SPI's C ABI (ws2san.h) as a switch calls
+// it, one SPI session per run (see SpiPath); the SPI always caches, so its nocache drops each
+// buffer with WSPMemoryRegistrationCacheCallback after deregistering it, and its "reg ms" is the
+// time spent inside the SPI's registration calls.
+//
 // Exit codes: 0 done, 1 a run failed, 2 bad flags (one line on stderr).
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -27,8 +36,8 @@
 #include <array>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cinttypes>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -39,7 +48,6 @@
 #include <thread>
 #include <vector>
 
-#include "datapath/fd_io.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -53,9 +61,12 @@
 #include "datapath/completion.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
+#include "datapath/fd_io.h"
 #include "datapath/remote_region.h"
 #include "regcache/cache.h"
 #include "regcache/pin_registrar.h"
+#include "regcache/stats_segment.h"
+#include "spi/ws2san.h"
 #include "tools/internal/cli.h"
 
 ABSL_FLAG(std::string, fabric, "auto", "provider: shm, tcp, or auto (shm if it opens, else tcp)");
@@ -76,13 +87,16 @@ ABSL_FLAG(int32_t, cache_regions, 8,
 ABSL_FLAG(int32_t, repeat, 5,
           "runs of each workload, size and mode, interleaved across modes; the run with the "
           "median throughput is reported");
-ABSL_FLAG(std::string, via, "cpp", "API the operations go through: cpp (spi: not yet)");
+ABSL_FLAG(std::string, via, "cpp",
+          "API both processes go through: cpp (the C++ API) or spi (the SAN SPI's C ABI, "
+          "ws2san.h; sizes up to its SO_MAX_RDMA_SIZE, 16 MiB)");
 ABSL_FLAG(std::string, json, "", "write the results as JSON to this file");
 ABSL_FLAG(std::string, csv, "", "write the results as CSV to this file");
 ABSL_FLAG(std::string, plot, "",
           "render throughput against size for the three modes (buffer reuse, else the first "
           "workload) to this PNG file with gnuplot");
-ABSL_FLAG(std::string, progress, "auto", "progress line: auto (when stdout is a terminal), on, off");
+ABSL_FLAG(std::string, progress, "auto",
+          "progress line: auto (when stdout is a terminal), on, off");
 
 namespace sanreg {
 namespace {
@@ -90,6 +104,7 @@ namespace {
 constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
 constexpr uint32_t kRemoteRw = kAccessRemoteRead | kAccessRemoteWrite;
 constexpr size_t kMaxSize = size_t{64} << 20;
+constexpr size_t kSpiMaxSize = size_t{16} << 20;  // the SPI's SO_MAX_RDMA_SIZE (checked per run)
 constexpr size_t kWindowSpan = 16;  // the window workload's arena, in buffers of --sizes
 
 [[noreturn]] void Usage(const std::string& msg) { tools::UsageError("sanreg_bench", msg); }
@@ -147,6 +162,7 @@ struct Config {
   int buffers;
   int cache_regions;
   int repeat;
+  std::string via;
   std::string json, csv, plot;
   bool progress;
 };
@@ -171,9 +187,8 @@ Config ValidatedConfig() {
   if (c.ops > 0) c.duration = 0;  // --ops wins
   c.threads = absl::GetFlag(FLAGS_threads);
   if (c.threads < 1 || c.threads > 64) Usage("--threads must be 1 to 64");
-  c.workloads =
-      ParseChoices("workload", absl::GetFlag(FLAGS_workload),
-                   {"reuse", "window", "zipf", "churn", "evict", "threads"});
+  c.workloads = ParseChoices("workload", absl::GetFlag(FLAGS_workload),
+                             {"reuse", "window", "zipf", "churn", "evict", "threads"});
   c.modes = ParseChoices("mode", absl::GetFlag(FLAGS_mode), {"nocache", "cache", "prereg"});
   c.buffers = absl::GetFlag(FLAGS_buffers);
   if (c.buffers < 1 || c.buffers > 4096) Usage("--buffers must be 1 to 4096");
@@ -181,9 +196,13 @@ Config ValidatedConfig() {
   if (c.cache_regions < 1 || c.cache_regions > 4096) Usage("--cache_regions must be 1 to 4096");
   c.repeat = absl::GetFlag(FLAGS_repeat);
   if (c.repeat < 1 || c.repeat > 100) Usage("--repeat must be 1 to 100");
-  std::string via = absl::GetFlag(FLAGS_via);
-  if (via == "spi") Usage("--via=spi is not supported yet");
-  if (via != "cpp") Usage(absl::StrCat("bad value '", via, "' for --via: expected cpp"));
+  c.via = absl::GetFlag(FLAGS_via);
+  if (c.via != "cpp" && c.via != "spi") {
+    Usage(absl::StrCat("bad value '", c.via, "' for --via: expected cpp or spi"));
+  }
+  if (c.via == "spi" && *std::max_element(c.sizes.begin(), c.sizes.end()) > kSpiMaxSize) {
+    Usage("--via=spi takes sizes up to 16 MiB (the SPI's SO_MAX_RDMA_SIZE)");
+  }
   c.json = absl::GetFlag(FLAGS_json);
   c.csv = absl::GetFlag(FLAGS_csv);
   c.plot = absl::GetFlag(FLAGS_plot);
@@ -203,6 +222,68 @@ Config ValidatedConfig() {
     Usage("--sizes x --buffers (or 2 x --cache_regions) x --threads exceeds 8 GiB");
   }
   return c;
+}
+
+// ---- the SPI, as a switch calls it (--via=spi) -----------------------------------------------
+
+// The procedure table WSPStartupEx fills and the extension functions WSPIoctl hands out.
+struct SpiFunctions {
+  WSPPROC_TABLE procs{};
+  LPFN_WSPREGISTERMEMORY register_memory = nullptr;
+  LPFN_WSPDEREGISTERMEMORY deregister_memory = nullptr;
+  LPFN_WSPREGISTERRDMAMEMORY register_rdma_memory = nullptr;
+  LPFN_WSPDEREGISTERRDMAMEMORY deregister_rdma_memory = nullptr;
+  LPFN_WSPRDMAWRITE rdma_write = nullptr;
+  LPFN_WSPMEMORYREGISTRATIONCACHECALLBACK cache_callback = nullptr;
+};
+
+absl::Status WsaError(const char* call, int err) {
+  return absl::UnavailableError(absl::StrCat(call, " failed: Winsock error ", err));
+}
+
+// Every operation is polled (the low bit of hEvent set): the provider must never call this.
+int UnexpectedUpcall(SOCKET, LPWSAOVERLAPPED, DWORD, DWORD, LPINT) {
+  std::fprintf(stderr, "sanreg_bench: the SPI signalled a polled operation\n");
+  std::abort();
+}
+
+// WSPStartupEx on `provider`, named in the protocol info's szProtocol. Returns its result (0 or
+// a Winsock error).
+int SpiStartup(const std::string& provider, SpiFunctions* fns) {
+  WSAPROTOCOL_INFOW info{};
+  for (size_t i = 0; i < provider.size() && i < WSAPROTOCOL_LEN; ++i) {
+    info.szProtocol[i] = static_cast<WCHAR>(provider[i]);
+  }
+  WSPUPCALLTABLEEX upcalls{};
+  upcalls.lpWPUCompleteOverlappedRequest = &UnexpectedUpcall;
+  WSPDATA data;
+  return WSPStartupEx(SANREG_WSP_VERSION, &data, &info, &upcalls, &fns->procs);
+}
+
+// Fetches the extension functions with WSPIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER) on `s`.
+absl::Status SpiExtensions(SOCKET s, SpiFunctions* fns) {
+  struct Want {
+    GUID guid;
+    void* fn;
+  };
+  const Want wants[] = {
+      {WSAID_REGISTERMEMORY, &fns->register_memory},
+      {WSAID_DEREGISTERMEMORY, &fns->deregister_memory},
+      {WSAID_REGISTERRDMAMEMORY, &fns->register_rdma_memory},
+      {WSAID_DEREGISTERRDMAMEMORY, &fns->deregister_rdma_memory},
+      {WSAID_RDMAWRITE, &fns->rdma_write},
+      {WSAID_MEMORYREGISTRATIONCACHECALLBACK, &fns->cache_callback},
+  };
+  for (const Want& w : wants) {
+    GUID g = w.guid;
+    DWORD got = 0;
+    int err = 0;
+    if (fns->procs.lpWSPIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &g, sizeof g, w.fn,
+                              sizeof(void*), &got, nullptr, nullptr, nullptr, &err) != 0) {
+      return WsaError("WSPIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER)", err);
+    }
+  }
+  return absl::OkStatus();
 }
 
 // ---- the target process ---------------------------------------------------------------------
@@ -258,6 +339,73 @@ Config ValidatedConfig() {
   _exit(0);
 }
 
+// The target through the SPI: it listens with WSPSocket, WSPBind and WSPListen, and for each 'c'
+// read from `in` closes the connection it had (WSPDeregisterRdmaMemory, WSPCloseSocket), accepts
+// the next one (WSPAccept) and exposes the region on it for writing (WSPRegisterRdmaMemory,
+// MEM_WRITE), sending the descriptor up as a length and its bytes. Until `in` closes.
+// Messages up the pipe first: the provider it started (a length-prefixed string), the port.
+[[noreturn]] void RunSpiTarget(const std::string& fabric, size_t region_bytes, int in, int out) {
+  SpiFunctions fns;
+  std::string provider;
+  for (const char* p : {"shm", "tcp"}) {
+    if (fabric != "auto" && fabric != p) continue;
+    int rc = SpiStartup(p, &fns);
+    if (rc == 0) {
+      provider = p;
+      break;
+    }
+    std::fprintf(stderr, "sanreg_bench: target: WSPStartupEx(%s): Winsock error %d\n", p, rc);
+  }
+  if (provider.empty()) _exit(3);
+  int err = 0;
+  SOCKET l = fns.procs.lpWSPSocket(AF_INET, SOCK_STREAM, 0, nullptr, 0, 0, &err);
+  if (l == INVALID_SOCKET) TargetFail("WSPSocket", WsaError("WSPSocket", err), 4);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int alen = sizeof a;
+  if (fns.procs.lpWSPBind(l, reinterpret_cast<sockaddr*>(&a), sizeof a, &err) != 0 ||
+      fns.procs.lpWSPListen(l, 1, &err) != 0 ||
+      fns.procs.lpWSPGetSockName(l, reinterpret_cast<sockaddr*>(&a), &alen, &err) != 0) {
+    TargetFail("listen", WsaError("WSPBind/WSPListen", err), 4);
+  }
+  uint16_t port = ntohs(a.sin_port);
+  uint32_t n = static_cast<uint32_t>(provider.size());
+  if (!WriteFull(out, &n, sizeof n) || !WriteFull(out, provider.data(), n) ||
+      !WriteFull(out, &port, sizeof port)) {
+    _exit(5);
+  }
+  if (absl::Status s = SpiExtensions(l, &fns); !s.ok()) TargetFail("WSPIoctl", s, 6);
+  void* p = mmap(nullptr, region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) _exit(7);
+  SOCKET conn = INVALID_SOCKET;
+  uint8_t desc[256];
+  DWORD desc_len = 0;
+  char c;
+  while (ReadFull(in, &c, 1)) {
+    if (conn != INVALID_SOCKET) {
+      (void)fns.deregister_rdma_memory(conn, desc, desc_len, &err);
+      (void)fns.procs.lpWSPCloseSocket(conn, &err);
+    }
+    conn = fns.procs.lpWSPAccept(l, nullptr, nullptr, nullptr, 0, &err);
+    if (conn == INVALID_SOCKET) TargetFail("accept", WsaError("WSPAccept", err), 6);
+    desc_len = sizeof desc;
+    if (fns.register_rdma_memory(conn, p, static_cast<DWORD>(region_bytes), MEM_WRITE, desc,
+                                 &desc_len, &err) != 0) {
+      TargetFail("expose", WsaError("WSPRegisterRdmaMemory", err), 8);
+    }
+    uint32_t len = desc_len;
+    if (!WriteFull(out, &len, sizeof len) || !WriteFull(out, desc, len)) _exit(10);
+  }
+  if (conn != INVALID_SOCKET) {
+    (void)fns.deregister_rdma_memory(conn, desc, desc_len, &err);
+    (void)fns.procs.lpWSPCloseSocket(conn, &err);
+  }
+  (void)fns.procs.lpWSPCloseSocket(l, &err);
+  (void)fns.procs.lpWSPCleanup(&err);
+  _exit(0);
+}
+
 // ---- the initiator --------------------------------------------------------------------------
 
 // Counts and times every registration and deregistration made through it.
@@ -307,7 +455,8 @@ struct Result {
 struct Buffer {
   uint8_t* data = nullptr;
   size_t mapped = 0;
-  Registration reg;  // prereg only
+  Registration reg;         // prereg through the C++ API
+  HANDLE handle = nullptr;  // prereg through the SPI
 };
 
 uint8_t* MapBuffer(size_t size, size_t* mapped) {
@@ -325,30 +474,345 @@ int ThreadsFor(const Config& c, const std::string& workload) {
   return workload == "threads" ? std::max(c.threads, kThreadsWorkload) : c.threads;
 }
 
+// What the initiator holds of the target, per --via.
+struct Link {
+  std::string via;
+  // cpp: one fabric, endpoint and exposed region for every run.
+  Fabric* fabric = nullptr;
+  Endpoint* ep = nullptr;
+  RemoteRegion region;
+  // spi: the target's SPI listener (127.0.0.1:port) and the pipes that ask it for a connection
+  // ('c' down) and bring back the descriptor of its WSPRegisterRdmaMemory (length, bytes, up).
+  std::string provider;
+  uint16_t port = 0;
+  int to_target = -1;
+  int from_target = -1;
+};
+
+// How a run's operations reach the data path. A path provides:
+//   struct ThreadState                        what one initiator thread keeps between operations;
+//   Preregister(Buffer*, bytes)               prereg: register a buffer, before the clock;
+//   Op(ThreadState&, data, len, buffer, off)  one operation: register as the mode does, write
+//                                             [data, data + len) to the target at off, wait for
+//                                             the completion, release as the mode does;
+//   BeforeUnmap(data, len)                    churn: the buffer's mapping is about to go;
+//   Finish(Result*)                           after the clock: hit rate, registrations, time
+//                                             registering, invalidations, evictions of the run;
+//   Unregister(Buffer*)                       prereg: after Finish.
+
+// Through the C++ API: RegistrationCache::Acquire (cache) or the fabric's registrar (nocache,
+// prereg), all counted and timed by a TimingRegistrar, then Endpoint::Write.
+class CppPath {
+ public:
+  struct ThreadState {
+    Completion c;
+  };
+
+  CppPath(const Link& link, const std::string& mode)
+      : link_(link),
+        mode_(mode),
+        fabric_reg_(link.fabric->NewRegistrar(&pin_)),
+        timing_(fabric_reg_.get()) {}
+
+  absl::Status Start(const std::string& workload, int cache_regions) {
+    if (mode_ != "cache") return absl::OkStatus();
+    RegistrationCache::Options o;
+    if (workload == "evict") o.max_regions = static_cast<size_t>(cache_regions);
+    auto c = RegistrationCache::Create(&timing_, o);
+    if (!c.ok()) return c.status();
+    cache_ = *std::move(c);
+    return absl::OkStatus();
+  }
+
+  absl::Status Preregister(Buffer* b, size_t bytes) {
+    auto r = timing_.Register(reinterpret_cast<uintptr_t>(b->data), bytes, kAccessLocalRead);
+    if (!r.ok()) return r.status();
+    b->reg = *r;
+    return absl::OkStatus();
+  }
+
+  absl::Status Op(ThreadState& ts, uint8_t* data, size_t len, const Buffer* b, uint64_t offset) {
+    Registration reg;
+    RegionRef ref;
+    if (mode_ == "prereg") {
+      reg = b->reg;
+    } else if (mode_ == "cache") {
+      auto r = cache_->Acquire(data, len, kAccessLocalRead);
+      if (!r.ok()) return r.status();
+      ref = *std::move(r);
+    } else {
+      auto r = timing_.Register(reinterpret_cast<uintptr_t>(data), len, kAccessLocalRead);
+      if (!r.ok()) return r.status();
+      reg = *r;
+    }
+    Sge sge{data, len, ref ? &ref.registration() : &reg};
+    ts.c.Reset();
+    absl::Status s = link_.ep->Write({&sge, 1}, link_.region, offset, &ts.c);
+    if (s.ok()) {
+      ts.c.Wait();
+      s = ts.c.status();
+    }
+    if (mode_ == "cache") {
+      ref.Reset();
+    } else if (mode_ == "nocache") {
+      absl::Status d = timing_.Deregister(reg);
+      if (s.ok()) s = d;
+    }
+    return s;
+  }
+
+  void BeforeUnmap(uint8_t*, size_t) {}  // the cache's memory hooks see the munmap
+
+  absl::Status Finish(Result* res) {
+    if (cache_) {
+      cache_->Flush();
+      CacheStats st = cache_->Stats();
+      uint64_t lookups = st.hits + st.misses();
+      res->hit_rate = lookups ? double(st.hits) / lookups : 0;
+      res->invalidations = st.invalidations;
+      res->evictions = st.evictions;
+    } else {
+      res->hit_rate = mode_ == "prereg" ? 1.0 : 0.0;
+    }
+    // Registrations and their time during the run (prereg's up-front ones are counted too: they
+    // are what the mode costs, paid before the clock; the cache's deregistrations on its
+    // reclaimer thread too).
+    res->registrations = timing_.registrations();
+    res->register_ms = timing_.ns() / 1e6;
+    cache_.reset();
+    return absl::OkStatus();
+  }
+
+  void Unregister(Buffer* b) { (void)timing_.Deregister(b->reg); }
+
+ private:
+  const Link& link_;
+  const std::string mode_;
+  PinRegistrar pin_;
+  std::unique_ptr<Registrar> fabric_reg_;
+  TimingRegistrar timing_;
+  std::unique_ptr<RegistrationCache> cache_;  // cache mode; destroyed before the registrars
+};
+
+// Through the SPI's C ABI, as a switch calls it. Each run is one SPI session, so that it starts
+// with an empty cache and its own limits, as a CppPath run does: WSPStartupEx (the cache limits
+// from SANREG_CACHE_MAX_REGIONS and SANREG_CACHE_MAX_BYTES, set here), WSPSocket, WSPConnect to
+// the target, whose WSPAccept and WSPRegisterRdmaMemory(MEM_WRITE) give the descriptor; a short
+// warm-up of the new connection; then per operation:
+//   nocache  WSPRegisterMemory, WSPRdmaWrite, WSPDeregisterMemory and
+//            WSPMemoryRegistrationCacheCallback on the buffer (the SPI always caches: dropping the
+//            range makes the deregistration real, on this thread, and the next registration a
+//            real one);
+//   cache    WSPRegisterMemory, WSPRdmaWrite, WSPDeregisterMemory (the SPI's cache keeps the
+//            pinning); churn also calls WSPMemoryRegistrationCacheCallback before each munmap,
+//            as SPI.md asks of a switch;
+//   prereg   WSPRdmaWrite with handles registered once, before the clock.
+// Writes are polled: the low bit of hEvent set, then WSPGetOverlappedResult(wait = TRUE).
+// The counters come from the SPI cache's statistics in this process's segment (what sanreg_stat
+// reads), as the difference across the run; the time registering is the time spent inside the
+// registration calls above (hits included: the SPI gives no other view of it).
+class SpiPath {
+ public:
+  struct ThreadState {};
+
+  SpiPath(const Link& link, const std::string& mode) : link_(link), mode_(mode) {}
+  ~SpiPath() { Stop(); }
+  SpiPath(const SpiPath&) = delete;
+  SpiPath& operator=(const SpiPath&) = delete;
+
+  absl::Status Start(const std::string& workload, size_t size, int cache_regions) {
+    // Read by WSPStartupEx alone; no other thread reads the environment between runs.
+    std::string max_regions =
+        workload == "evict" && mode_ == "cache" ? absl::StrCat(cache_regions) : "0";
+    setenv("SANREG_CACHE_MAX_REGIONS", max_regions.c_str(), 1);
+    setenv("SANREG_CACHE_MAX_BYTES", "0", 1);
+    setenv("SANREG_CACHE_STATS", "1", 1);  // the counters of the run come from there
+    if (int rc = SpiStartup(link_.provider, &fns_); rc != 0) return WsaError("WSPStartupEx", rc);
+    started_ = true;
+    int err = 0;
+    s_ = fns_.procs.lpWSPSocket(AF_INET, SOCK_STREAM, 0, nullptr, 0, 0, &err);
+    if (s_ == INVALID_SOCKET) return WsaError("WSPSocket", err);
+    char c = 'c';
+    if (!WriteFull(link_.to_target, &c, 1)) return absl::UnavailableError("the target is gone");
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(link_.port);
+    if (fns_.procs.lpWSPConnect(s_, reinterpret_cast<sockaddr*>(&a), sizeof a, nullptr, nullptr,
+                                nullptr, nullptr, &err) != 0) {
+      return WsaError("WSPConnect", err);
+    }
+    uint32_t n = 0;
+    if (!ReadFull(link_.from_target, &n, sizeof n) || n == 0 || n > sizeof desc_ ||
+        !ReadFull(link_.from_target, desc_, n)) {
+      return absl::UnavailableError("the target did not send its descriptor");
+    }
+    desc_len_ = n;
+    if (absl::Status s = SpiExtensions(s_, &fns_); !s.ok()) return s;
+    DWORD max_rdma = 0;
+    int len = sizeof max_rdma;
+    if (fns_.procs.lpWSPGetSockOpt(s_, SOL_SOCKET, SO_MAX_RDMA_SIZE,
+                                   reinterpret_cast<char*>(&max_rdma), &len, &err) != 0) {
+      return WsaError("WSPGetSockOpt(SO_MAX_RDMA_SIZE)", err);
+    }
+    if (size > max_rdma) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(size, " bytes exceed the SPI's SO_MAX_RDMA_SIZE of ", max_rdma));
+    }
+    // Warm up the connection (the provider's first use of it) from a scratch page, then drop
+    // the page from the cache: the run's counters start after this.
+    size_t mapped;
+    uint8_t* scratch = MapBuffer(4096, &mapped);
+    if (scratch == nullptr) return absl::ResourceExhaustedError("mmap");
+    absl::Status warm;
+    HANDLE h = fns_.register_memory(s_, scratch, 4096, MEM_READ, &err);
+    if (h == nullptr) warm = WsaError("WSPRegisterMemory", err);
+    for (int i = 0; i < 8 && warm.ok(); ++i) warm = Write(scratch, 4096, h, 0);
+    if (h != nullptr) (void)fns_.deregister_memory(s_, h, &err);
+    (void)fns_.cache_callback(scratch, mapped, &err);
+    munmap(scratch, mapped);
+    if (!warm.ok()) return warm;
+    auto before = CacheCounters();
+    if (!before.ok()) return before.status();
+    before_ = *before;
+    return absl::OkStatus();
+  }
+
+  absl::Status Preregister(Buffer* b, size_t bytes) {
+    int err = 0;
+    const int64_t t = NowNs();
+    b->handle = fns_.register_memory(s_, b->data, static_cast<DWORD>(bytes), MEM_READ, &err);
+    ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
+    return b->handle != nullptr ? absl::OkStatus() : WsaError("WSPRegisterMemory", err);
+  }
+
+  absl::Status Op(ThreadState&, uint8_t* data, size_t len, const Buffer* b, uint64_t offset) {
+    if (mode_ == "prereg") return Write(data, len, b->handle, offset);
+    int err = 0;
+    int64_t t = NowNs();
+    HANDLE h = fns_.register_memory(s_, data, static_cast<DWORD>(len), MEM_READ, &err);
+    ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
+    if (h == nullptr) return WsaError("WSPRegisterMemory", err);
+    absl::Status s = Write(data, len, h, offset);
+    t = NowNs();
+    absl::Status d;
+    if (fns_.deregister_memory(s_, h, &err) != 0) {
+      d = WsaError("WSPDeregisterMemory", err);
+    } else if (mode_ == "nocache" && fns_.cache_callback(data, len, &err) != 0) {
+      d = WsaError("WSPMemoryRegistrationCacheCallback", err);
+    }
+    ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
+    return s.ok() ? d : s;
+  }
+
+  void BeforeUnmap(uint8_t* data, size_t len) {
+    if (mode_ != "cache") return;  // nocache dropped it already
+    int err = 0;
+    const int64_t t = NowNs();
+    (void)fns_.cache_callback(data, len, &err);
+    ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
+  }
+
+  absl::Status Finish(Result* res) {
+    auto after = CacheCounters();
+    if (!after.ok()) return after.status();
+    const uint64_t hits = after->hits - before_.hits;
+    const uint64_t lookups = hits + after->misses() - before_.misses();
+    res->hit_rate = mode_ == "prereg" ? 1.0 : lookups ? double(hits) / lookups : 0;
+    res->registrations = after->registrations - before_.registrations;
+    res->register_ms = ns_.load() / 1e6;
+    res->invalidations = after->invalidations - before_.invalidations;
+    res->evictions = after->evictions - before_.evictions;
+    return absl::OkStatus();
+  }
+
+  void Unregister(Buffer* b) {
+    int err = 0;
+    if (b->handle != nullptr) (void)fns_.deregister_memory(s_, b->handle, &err);
+    b->handle = nullptr;
+  }
+
+ private:
+  // One polled RDMA write of [data, data + len), registered as `h`, to the target at `offset`.
+  absl::Status Write(uint8_t* data, size_t len, HANDLE h, uint64_t offset) {
+    WSABUFEX buf{len, reinterpret_cast<char*>(data), h};
+    WSAOVERLAPPED ov{};
+    ov.hEvent = reinterpret_cast<HANDLE>(uintptr_t{1});  // polled: no upcall
+    DWORD bytes = 0, flags = 0;
+    int err = 0;
+    if (fns_.rdma_write(s_, &buf, 1, desc_, desc_len_, static_cast<DWORD>(offset), &bytes, 0, &ov,
+                        nullptr, nullptr, &err) != 0) {
+      if (err != WSA_IO_PENDING) return WsaError("WSPRdmaWrite", err);
+      if (!fns_.procs.lpWSPGetOverlappedResult(s_, &ov, &bytes, TRUE, &flags, &err)) {
+        return WsaError("WSPRdmaWrite (WSPGetOverlappedResult)", err);
+      }
+    } else {
+      bytes = static_cast<DWORD>(ov.InternalHigh);
+    }
+    if (bytes != len) {
+      return absl::DataLossError(absl::StrCat("WSPRdmaWrite moved ", bytes, " of ", len, " bytes"));
+    }
+    return absl::OkStatus();
+  }
+
+  // The SPI cache's counters, from this process's statistics segment (published now).
+  absl::StatusOr<CacheStats> CacheCounters() {
+    PublishStatsNow();
+    auto ps = ReadStatsSegment(getpid());
+    if (!ps.ok()) return ps.status();
+    if (ps->caches.size() != 1) {
+      return absl::FailedPreconditionError(absl::StrCat("expected the SPI's one cache in ",
+                                                        StatsSegmentPath(getpid()), ", found ",
+                                                        ps->caches.size()));
+    }
+    return ps->caches[0].second;
+  }
+
+  void Stop() {
+    int err = 0;
+    if (s_ != INVALID_SOCKET) (void)fns_.procs.lpWSPCloseSocket(s_, &err);
+    s_ = INVALID_SOCKET;
+    if (started_) (void)fns_.procs.lpWSPCleanup(&err);
+    started_ = false;
+  }
+
+  const Link& link_;
+  const std::string mode_;
+  SpiFunctions fns_;
+  bool started_ = false;
+  SOCKET s_ = INVALID_SOCKET;
+  uint8_t desc_[256] = {};
+  DWORD desc_len_ = 0;
+  CacheStats before_;
+  std::atomic<int64_t> ns_{0};  // inside the registration calls, summed over threads
+};
+
 class Bench {
  public:
-  Bench(const Config& config, Fabric* fabric, Endpoint* ep, RemoteRegion region)
-      : config_(config), fabric_(fabric), ep_(ep), region_(region) {}
+  Bench(const Config& config, const Link& link) : config_(config), link_(link) {}
 
   absl::StatusOr<Result> Run(const std::string& workload, const std::string& mode, size_t size,
                              const std::string& label) {
-    PinRegistrar pin;
-    std::unique_ptr<Registrar> fabric_reg = fabric_->NewRegistrar(&pin);
-    TimingRegistrar timing(fabric_reg.get());
-    std::unique_ptr<RegistrationCache> cache;
-    if (mode == "cache") {
-      RegistrationCache::Options o;
-      if (workload == "evict") o.max_regions = static_cast<size_t>(config_.cache_regions);
-      auto c = RegistrationCache::Create(&timing, o);
-      if (!c.ok()) return c.status();
-      cache = *std::move(c);
+    if (link_.via == "spi") {
+      SpiPath path(link_, mode);
+      if (absl::Status s = path.Start(workload, size, config_.cache_regions); !s.ok()) return s;
+      return Measure(path, workload, mode, size, label);
     }
+    CppPath path(link_, mode);
+    if (absl::Status s = path.Start(workload, config_.cache_regions); !s.ok()) return s;
+    return Measure(path, workload, mode, size, label);
+  }
+
+ private:
+  template <typename Path>
+  absl::StatusOr<Result> Measure(Path& path, const std::string& workload, const std::string& mode,
+                                 size_t size, const std::string& label) {
     const int threads = ThreadsFor(config_, workload);
     const int nbuf = workload == "reuse" || workload == "zipf" || workload == "threads"
                          ? config_.buffers
-                     : workload == "evict"                      ? 2 * config_.cache_regions
-                     : workload == "window"                     ? 1
-                                                                : 0;
+                     : workload == "evict"  ? 2 * config_.cache_regions
+                     : workload == "window" ? 1
+                                            : 0;
     // window: one arena of kWindowSpan buffers' worth per thread, written from a window of `size`
     // bytes that slides by half its length (page-rounded) every operation.
     const size_t buffer_bytes = workload == "window" ? size * kWindowSpan : size;
@@ -371,10 +835,7 @@ class Bench {
         b.data = MapBuffer(buffer_bytes, &b.mapped);
         if (b.data == nullptr) return absl::ResourceExhaustedError("mmap");
         if (mode == "prereg") {
-          auto r = timing.Register(reinterpret_cast<uintptr_t>(b.data), buffer_bytes,
-                                   kAccessLocalRead);
-          if (!r.ok()) return r.status();
-          b.reg = *r;
+          if (absl::Status s = path.Preregister(&b, buffer_bytes); !s.ok()) return s;
         }
         tb.push_back(b);
       }
@@ -395,7 +856,7 @@ class Bench {
       if (deadline_ns > 0) my_ops = UINT64_MAX;
       l.reserve(deadline_ns > 0 ? 1 << 16 : my_ops);
       std::mt19937_64 rng(1234567 + t);
-      Completion c;
+      typename Path::ThreadState state;
       const uint64_t offset = static_cast<uint64_t>(t) * size;
       for (uint64_t i = 0; i < my_ops && !stop.load(std::memory_order_relaxed); ++i) {
         uint8_t* data;
@@ -417,50 +878,22 @@ class Bench {
           data = b->data;
           if (workload == "zipf" && size > 4096) {
             double u = std::uniform_real_distribution<double>(0, 1)(rng);
-            size_t pages = std::lower_bound(zipf_cdf.begin(), zipf_cdf.end(), u) -
-                           zipf_cdf.begin() + 1;
+            size_t pages =
+                std::lower_bound(zipf_cdf.begin(), zipf_cdf.end(), u) - zipf_cdf.begin() + 1;
             len = std::min(size, pages * 4096);
           }
         }
         int64_t t0 = NowNs();
-        Registration reg;
-        RegionRef ref;
-        if (mode == "prereg") {
-          reg = b->reg;
-        } else if (mode == "cache") {
-          auto r = cache->Acquire(data, len, kAccessLocalRead);
-          if (!r.ok()) {
-            errs[t] = r.status();
-            return;
-          }
-          ref = *std::move(r);
-        } else {
-          auto r = timing.Register(reinterpret_cast<uintptr_t>(data), len, kAccessLocalRead);
-          if (!r.ok()) {
-            errs[t] = r.status();
-            return;
-          }
-          reg = *r;
-        }
-        Sge sge{data, len, ref ? &ref.registration() : &reg};
-        c.Reset();
-        absl::Status s = ep_->Write({&sge, 1}, region_, offset, &c);
-        if (s.ok()) {
-          c.Wait();
-          s = c.status();
-        }
-        if (mode == "cache") {
-          ref.Reset();
-        } else if (mode == "nocache") {
-          absl::Status d = timing.Deregister(reg);
-          if (s.ok()) s = d;
-        }
+        absl::Status s = path.Op(state, data, len, b, offset);
         int64_t t1 = NowNs();
         if (!s.ok()) {
           errs[t] = s;
           return;
         }
-        if (workload == "churn") munmap(data, mapped);
+        if (workload == "churn") {
+          path.BeforeUnmap(data, mapped);
+          munmap(data, mapped);
+        }
         l.push_back(static_cast<uint32_t>(std::min<int64_t>(t1 - t0, UINT32_MAX)));
         moved[t] += len;
         progress.fetch_add(1, std::memory_order_relaxed);
@@ -491,8 +924,8 @@ class Bench {
         if (deadline_ns > 0 && now - start >= deadline_ns) stop = true;
         if (config_.progress) {
           uint64_t p = progress.load(std::memory_order_relaxed);
-          double frac = deadline_ns > 0 ? double(now - start) / deadline_ns
-                                        : double(p) / double(ops_total);
+          double frac =
+              deadline_ns > 0 ? double(now - start) / deadline_ns : double(p) / double(ops_total);
           std::printf("\r  %-48s %3d%%", label.c_str(), int(std::min(1.0, frac) * 100));
           std::fflush(stdout);
         }
@@ -527,36 +960,19 @@ class Bench {
       res.p50_us = all[all.size() / 2] / 1e3;
       res.p99_us = all[std::min(all.size() - 1, all.size() * 99 / 100)] / 1e3;
     }
-    if (cache) {
-      cache->Flush();
-      CacheStats st = cache->Stats();
-      uint64_t lookups = st.hits + st.misses();
-      res.hit_rate = lookups ? double(st.hits) / lookups : 0;
-      res.invalidations = st.invalidations;
-      res.evictions = st.evictions;
-    } else {
-      res.hit_rate = mode == "prereg" ? 1.0 : 0.0;
-    }
-    // Registrations and their time during the run (prereg's up-front ones are counted too: they
-    // are what the mode costs, paid before the clock).
-    res.registrations = timing.registrations();
-    res.register_ms = timing.ns() / 1e6;
+    if (absl::Status s = path.Finish(&res); !s.ok()) return s;
 
-    cache.reset();
     for (auto& tb : bufs) {
       for (auto& b : tb) {
-        if (mode == "prereg") (void)timing.Deregister(b.reg);
+        if (mode == "prereg") path.Unregister(&b);
         munmap(b.data, b.mapped);
       }
     }
     return res;
   }
 
- private:
   const Config& config_;
-  Fabric* fabric_;
-  Endpoint* ep_;
-  RemoteRegion region_;
+  const Link& link_;
 };
 
 std::string SizeName(size_t s) {
@@ -574,11 +990,10 @@ const char* WorkloadTitle(const std::string& w) {
   return "eviction (random picks from a working set twice the cache's region limit)";
 }
 
-void PrintTable(const std::string& workload, const Config& config,
-                const std::vector<Result>& rs) {
+void PrintTable(const std::string& workload, const Config& config, const std::vector<Result>& rs) {
   std::printf("\n== %s\n", WorkloadTitle(workload));
-  std::printf("%-7s %-8s %10s %8s %9s %9s %6s %7s %9s\n", "size", "mode", "ops/s", "GB/s",
-              "p50 us", "p99 us", "hit%", "regs", "reg ms");
+  std::printf("%-7s %-8s %10s %8s %9s %9s %6s %7s %9s\n", "size", "mode", "ops/s", "GB/s", "p50 us",
+              "p99 us", "hit%", "regs", "reg ms");
   for (const Result& r : rs) {
     if (r.workload != workload) continue;
     std::printf("%-7s %-8s %10.0f %8.3f %9.1f %9.1f %6.1f %7" PRIu64 " %9.1f\n",
@@ -606,10 +1021,10 @@ bool WriteJson(const std::string& path, const std::string& provider, const Confi
                double elapsed, const std::vector<Result>& rs) {
   FILE* f = std::fopen(path.c_str(), "w");
   if (f == nullptr) return false;
-  std::fprintf(f, "{\n  \"tool\": \"sanreg_bench\",\n  \"provider\": \"%s\",\n", provider.c_str());
+  std::fprintf(f, "{\n  \"tool\": \"sanreg_bench\",\n  \"provider\": \"%s\",\n  \"via\": \"%s\",\n",
+               provider.c_str(), config.via.c_str());
   std::fprintf(f, "  \"threads\": %d,\n  \"repeat\": %d,\n  \"elapsed_s\": %.3f,\n  \"results\": [",
-               config.threads, config.repeat,
-               elapsed);
+               config.threads, config.repeat, elapsed);
   for (size_t i = 0; i < rs.size(); ++i) {
     const Result& r = rs[i];
     std::fprintf(f,
@@ -617,7 +1032,8 @@ bool WriteJson(const std::string& path, const std::string& provider, const Confi
                  "\"threads\": %d, \"ops\": %" PRIu64
                  ", \"seconds\": %.6f, \"ops_per_s\": %.1f, \"gb_per_s\": %.6f, "
                  "\"p50_us\": %.3f, \"p99_us\": %.3f, \"hit_rate\": %.6f, "
-                 "\"registrations\": %" PRIu64 ", \"register_ms\": %.3f, "
+                 "\"registrations\": %" PRIu64
+                 ", \"register_ms\": %.3f, "
                  "\"invalidations\": %" PRIu64 ", \"evictions\": %" PRIu64 "}",
                  i ? "," : "", r.workload.c_str(), r.mode.c_str(), r.size, r.threads, r.ops,
                  r.seconds, r.ops_per_s, r.gb_per_s, r.p50_us, r.p99_us, r.hit_rate,
@@ -634,8 +1050,9 @@ bool WriteCsv(const std::string& path, const std::vector<Result>& rs) {
                "workload,mode,size,threads,ops,seconds,ops_per_s,gb_per_s,p50_us,p99_us,hit_rate,"
                "registrations,register_ms,invalidations,evictions\n");
   for (const Result& r : rs) {
-    std::fprintf(f, "%s,%s,%zu,%d,%" PRIu64 ",%.6f,%.1f,%.6f,%.3f,%.3f,%.6f,%" PRIu64
-                    ",%.3f,%" PRIu64 ",%" PRIu64 "\n",
+    std::fprintf(f,
+                 "%s,%s,%zu,%d,%" PRIu64 ",%.6f,%.1f,%.6f,%.3f,%.3f,%.6f,%" PRIu64 ",%.3f,%" PRIu64
+                 ",%" PRIu64 "\n",
                  r.workload.c_str(), r.mode.c_str(), r.size, r.threads, r.ops, r.seconds,
                  r.ops_per_s, r.gb_per_s, r.p50_us, r.p99_us, r.hit_rate, r.registrations,
                  r.register_ms, r.invalidations, r.evictions);
@@ -689,15 +1106,21 @@ int Main(int argc, char** argv) {
       "sanreg's cache (cache) or once up front (prereg), between two processes.\n"
       "Usage: sanreg_bench [--fabric=shm|tcp|auto] [--sizes=4KiB,1MiB] [--ops=N|--duration=S] "
       "[--threads=N] [--workload=reuse,churn,evict] [--mode=nocache,cache,prereg] "
-      "[--json=FILE] [--csv=FILE]");
+      "[--via=cpp|spi] [--json=FILE] [--csv=FILE] [--plot=FILE.png]");
   tools::PrecheckArgs("sanreg_bench", argc, argv);
   absl::ParseCommandLine(argc, argv);
   Config config = ValidatedConfig();
 
   size_t max_size = *std::max_element(config.sizes.begin(), config.sizes.end());
   int max_threads = 1;
-  for (const std::string& w : config.workloads) max_threads = std::max(max_threads, ThreadsFor(config, w));
+  for (const std::string& w : config.workloads)
+    max_threads = std::max(max_threads, ThreadsFor(config, w));
   size_t region_bytes = ((max_size * max_threads) + 4095) & ~size_t{4095};
+  if (config.via == "spi") {
+    // The provider is --fabric's, passed in the protocol info: no environment override of it.
+    unsetenv("SANREG_FABRIC");
+    unsetenv("SANREG_PROVIDER");
+  }
 
   int down[2], up[2];
   if (pipe(down) != 0 || pipe(up) != 0) {
@@ -714,6 +1137,7 @@ int Main(int argc, char** argv) {
   if (child == 0) {
     close(down[1]);
     close(up[0]);
+    if (config.via == "spi") RunSpiTarget(config.fabric, region_bytes, down[0], up[1]);
     RunTarget(config.fabric, region_bytes, down[0], up[1]);
   }
   close(down[0]);
@@ -734,24 +1158,42 @@ int Main(int argc, char** argv) {
   if (!ReadFull(up[0], provider.data(), n) || !ReadFull(up[0], &port, sizeof port)) {
     return fail("the target did not start");
   }
-  FabricOptions o;
-  o.provider = provider;
-  o.apply_env = false;
-  auto fabric = Fabric::Open(o);
-  if (!fabric.ok()) return fail(fabric.status().ToString());
-  auto ep = (*fabric)->Connect(absl::StrCat("127.0.0.1:", port));
-  if (!ep.ok()) return fail(ep.status().ToString());
-  std::array<uint8_t, RemoteRegion::kWireSize> wire;
-  if (!ReadFull(up[0], wire.data(), wire.size())) return fail("the target failed to expose");
-  auto region = RemoteRegion::Parse(wire);
-  if (!region.ok()) return fail(region.status().ToString());
+  Link link;
+  link.via = config.via;
+  link.provider = provider;
+  link.port = port;
+  link.to_target = down[1];
+  link.from_target = up[0];
+  std::unique_ptr<Fabric> fabric;
+  std::unique_ptr<Endpoint> ep;
+  std::string provider_name = provider;
+  if (config.via == "cpp") {
+    FabricOptions o;
+    o.provider = provider;
+    o.apply_env = false;
+    auto f = Fabric::Open(o);
+    if (!f.ok()) return fail(f.status().ToString());
+    fabric = *std::move(f);
+    provider_name = fabric->provider_name();
+    auto e = fabric->Connect(absl::StrCat("127.0.0.1:", port));
+    if (!e.ok()) return fail(e.status().ToString());
+    ep = *std::move(e);
+    std::array<uint8_t, RemoteRegion::kWireSize> wire;
+    if (!ReadFull(up[0], wire.data(), wire.size())) return fail("the target failed to expose");
+    auto region = RemoteRegion::Parse(wire);
+    if (!region.ok()) return fail(region.status().ToString());
+    link.fabric = fabric.get();
+    link.ep = ep.get();
+    link.region = *region;
+  }
 
-  std::printf("sanreg_bench: provider %s, %d initiator thread(s), target pid %d; %s per run\n",
-              (*fabric)->provider_name().c_str(), config.threads, int(child),
-              config.duration > 0 ? absl::StrFormat("%.2f s", config.duration).c_str()
-                                  : absl::StrCat(config.ops, " ops").c_str());
+  std::printf(
+      "sanreg_bench: provider %s via %s, %d initiator thread(s), target pid %d; %s per run\n",
+      provider_name.c_str(), config.via.c_str(), config.threads, int(child),
+      config.duration > 0 ? absl::StrFormat("%.2f s", config.duration).c_str()
+                          : absl::StrCat(config.ops, " ops").c_str());
   std::fflush(stdout);
-  Bench bench(config, fabric->get(), ep->get(), *region);
+  Bench bench(config, link);
   std::vector<Result> results;
   // Warm up (first faults of the target region, the provider's first connection use): one short
   // run, not reported.
@@ -760,10 +1202,9 @@ int Main(int argc, char** argv) {
     warm.ops = 200;
     warm.duration = 0;
     warm.progress = false;
-    Bench warm_bench(warm, fabric->get(), ep->get(), *region);
-    auto r = warm_bench.Run("reuse", "prereg", *std::min_element(config.sizes.begin(),
-                                                                 config.sizes.end()),
-                            "warm-up");
+    Bench warm_bench(warm, link);
+    auto r = warm_bench.Run("reuse", "prereg",
+                            *std::min_element(config.sizes.begin(), config.sizes.end()), "warm-up");
     if (!r.ok()) return fail(absl::StrCat("warm-up: ", r.status().ToString()));
   }
   const int64_t start = NowNs();
@@ -774,8 +1215,8 @@ int Main(int argc, char** argv) {
         size_t k = 0;
         for (const std::string& m : config.modes) {
           if (w == "churn" && m == "prereg") continue;  // fresh buffers cannot be registered early
-          std::string label = absl::StrCat(w, " ", SizeName(s), " ", m, " (run ", rep + 1, "/",
-                                           config.repeat, ")");
+          std::string label =
+              absl::StrCat(w, " ", SizeName(s), " ", m, " (run ", rep + 1, "/", config.repeat, ")");
           auto r = bench.Run(w, m, s, label);
           if (!r.ok()) return fail(absl::StrCat(label, ": ", r.status().ToString()));
           if (rep == 0) runs.emplace_back();
@@ -796,11 +1237,11 @@ int Main(int argc, char** argv) {
   const double elapsed = (NowNs() - start) / 1e9;
   std::printf("\ndone in %.1f s\n", elapsed);
 
-  ep->reset();
+  ep.reset();
   close(down[1]);
   int st = 0;
   waitpid(child, &st, 0);
-  fabric->reset();
+  fabric.reset();
   if (!config.json.empty() && !WriteJson(config.json, provider, config, elapsed, results)) {
     std::fprintf(stderr, "sanreg_bench: cannot write %s\n", config.json.c_str());
     return 1;

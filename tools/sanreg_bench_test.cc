@@ -1,11 +1,11 @@
-// sanreg_bench_test.cc: runs the sanreg_bench binary (a data dependency) on a tiny workload and
-// checks its JSON output field by field, and that bad flags exit 2 with one line on stderr.
+// sanreg_bench_test.cc: runs the sanreg_bench binary (a data dependency) on a tiny workload,
+// through the C++ API and through the SPI, and checks its JSON output field by field, and that bad
+// flags exit 2 with one line on stderr.
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cctype>
@@ -36,24 +36,16 @@ using tools::TmpDir;
 
 RunResult RunBench(const std::vector<std::string>& args) { return RunTool("sanreg_bench", args); }
 
-TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
-  const std::string json_path = TmpDir() + "/bench.json";
-  const std::string csv_path = TmpDir() + "/bench.csv";
-  const std::string png_path = TmpDir() + "/bench.png";
-  const int kOps = 40;
-  RunResult r = RunBench({"--sizes=4KiB,64KiB", "--ops=" + std::to_string(kOps), "--repeat=1",
-                          "--buffers=4", "--cache_regions=2", "--json=" + json_path,
-                          "--csv=" + csv_path, "--plot=" + png_path});
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_NE(r.out.find("buffer reuse"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("ops/s"), std::string::npos) << r.out;
-
+// Checks the JSON of a run of every workload and mode at 4 KiB and 64 KiB, kOps operations per
+// run, --buffers=4, --cache_regions=2, one thread, through `via`.
+void CheckTinyRunJson(const std::string& text, const std::string& via, int kOps) {
   Json doc;
-  std::string text = Slurp(json_path);
   ASSERT_TRUE(JsonReader(text).Read(&doc)) << text;
   const JsonObject& top = doc.obj();
   ASSERT_TRUE(top.count("provider") && top.at("provider").is_string());
   EXPECT_TRUE(top.at("provider").str() == "shm" || top.at("provider").str() == "tcp");
+  ASSERT_TRUE(top.count("via") && top.at("via").is_string());
+  EXPECT_EQ(top.at("via").str(), via);
   EXPECT_EQ(top.at("threads").num(), 1);
   const JsonArray& results = top.at("results").arr();
   // reuse, window, zipf, evict and threads in three modes, churn in two (no prereg), two sizes.
@@ -61,9 +53,8 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
 
   std::set<std::string> seen;
   const std::vector<std::string> kNumbers = {
-      "size",    "threads",  "ops",           "seconds",       "ops_per_s",
-      "gb_per_s", "p50_us",  "p99_us",        "hit_rate",      "registrations",
-      "register_ms", "invalidations", "evictions"};
+      "size",   "threads",  "ops",           "seconds",     "ops_per_s",     "gb_per_s", "p50_us",
+      "p99_us", "hit_rate", "registrations", "register_ms", "invalidations", "evictions"};
   for (const Json& j : results) {
     const JsonObject& o = j.obj();
     const std::string w = o.at("workload").str();
@@ -93,18 +84,24 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
     EXPECT_GE(o.at("p99_us").num(), o.at("p50_us").num());
     const double hit = o.at("hit_rate").num();
     const double regs = o.at("registrations").num();
+    const double invalidations = o.at("invalidations").num();
     EXPECT_GE(o.at("register_ms").num(), 0);
     if (m == "nocache") {
       EXPECT_EQ(hit, 0);
       EXPECT_EQ(regs, kOps);  // one registration per operation
+      // Through the SPI, each buffer is dropped from its cache after every operation
+      // (WSPMemoryRegistrationCacheCallback); the C++ path has no cache to drop it from.
+      EXPECT_EQ(invalidations, via == "spi" ? kOps : 0);
     } else if (m == "prereg") {
       EXPECT_EQ(hit, 1);
       // reuse, zipf: --buffers; evict: 2 x --cache_regions; window: one arena; per thread.
       EXPECT_EQ(regs, (w == "window" ? 1 : 4) * threads);
+      EXPECT_EQ(invalidations, 0);
     } else if (w == "reuse" || w == "threads") {
       // Four buffers a thread, 40 operations: the first use of each misses, every other hits.
       EXPECT_EQ(regs, 4 * threads);
       EXPECT_DOUBLE_EQ(hit, (kOps - 4.0 * threads) / kOps);
+      EXPECT_EQ(invalidations, 0);
     } else if (w == "window") {
       // 4 KiB windows step by a page over 16 pages: 16 first uses, then hits; 64 KiB windows
       // overlap their predecessors, so some misses replace (merge) what is registered.
@@ -118,23 +115,43 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
       EXPECT_LT(regs, kOps);
       if (size == 4096) EXPECT_DOUBLE_EQ(hit, (kOps - 4.0) / kOps);
     } else if (w == "churn") {
-      // A fresh mapping each time: every lookup misses, and the unmaps invalidated regions.
+      // A fresh mapping each time: every lookup misses, and the unmaps invalidated regions
+      // (through the SPI, the switch's WSPMemoryRegistrationCacheCallback before each munmap).
       EXPECT_EQ(regs, kOps);
       EXPECT_EQ(hit, 0);
-      EXPECT_GT(o.at("invalidations").num(), 0);
+      if (via == "spi") {
+        EXPECT_EQ(invalidations, kOps);
+      } else {
+        EXPECT_GT(invalidations, 0);
+      }
     } else {
       // Four buffers, a limit of two regions: some misses evict, some lookups hit.
       EXPECT_GT(o.at("evictions").num(), 0);
       EXPECT_GT(regs, 4);
       EXPECT_LT(hit, 1);
+      EXPECT_NEAR(regs, kOps * (1 - hit), 1e-6);  // every miss registers
     }
   }
-  EXPECT_EQ(seen, (std::set<std::string>{"reuse/nocache", "reuse/cache", "reuse/prereg",
-                                         "window/nocache", "window/cache", "window/prereg",
-                                         "zipf/nocache", "zipf/cache", "zipf/prereg",
-                                         "threads/nocache", "threads/cache", "threads/prereg",
-                                         "churn/nocache", "churn/cache", "evict/nocache",
-                                         "evict/cache", "evict/prereg"}));
+  EXPECT_EQ(seen, (std::set<std::string>{
+                      "reuse/nocache", "reuse/cache", "reuse/prereg", "window/nocache",
+                      "window/cache", "window/prereg", "zipf/nocache", "zipf/cache", "zipf/prereg",
+                      "threads/nocache", "threads/cache", "threads/prereg", "churn/nocache",
+                      "churn/cache", "evict/nocache", "evict/cache", "evict/prereg"}));
+}
+
+TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
+  const std::string json_path = TmpDir() + "/bench.json";
+  const std::string csv_path = TmpDir() + "/bench.csv";
+  const std::string png_path = TmpDir() + "/bench.png";
+  const int kOps = 40;
+  RunResult r = RunBench({"--sizes=4KiB,64KiB", "--ops=" + std::to_string(kOps), "--repeat=1",
+                          "--buffers=4", "--cache_regions=2", "--json=" + json_path,
+                          "--csv=" + csv_path, "--plot=" + png_path});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("buffer reuse"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("ops/s"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" via cpp,"), std::string::npos) << r.out;
+  CheckTinyRunJson(Slurp(json_path), "cpp", kOps);
 
   // The plot is a PNG (gnuplot, from tools/setup.sh).
   EXPECT_EQ(Slurp(png_path).substr(0, 4), "\x89PNG");
@@ -143,6 +160,17 @@ TEST(SanregBenchTest, TinyRunWritesJsonWithEveryFieldAndSaneValues) {
   std::string csv = Slurp(csv_path);
   EXPECT_EQ(csv.rfind("workload,mode,size,", 0), 0u) << csv;
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 35);
+}
+
+TEST(SanregBenchTest, TinyRunThroughTheSpiWritesTheSameJson) {
+  const std::string json_path = TmpDir() + "/bench_spi.json";
+  const int kOps = 40;
+  RunResult r = RunBench({"--via=spi", "--sizes=4KiB,64KiB", "--ops=" + std::to_string(kOps),
+                          "--repeat=1", "--buffers=4", "--cache_regions=2", "--json=" + json_path});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("buffer reuse"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" via spi,"), std::string::npos) << r.out;
+  CheckTinyRunJson(Slurp(json_path), "spi", kOps);
 }
 
 TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
@@ -154,7 +182,8 @@ TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
                                              {"--workload=reuse,nope"},
                                              {"--fabric=ib"},
                                              {"--threads=0"},
-                                             {"--via=spi"},
+                                             {"--via=rpc"},
+                                             {"--via=spi", "--sizes=32MiB"},
                                              {"--plot=out.svg"},
                                              {"stray"}}) {
     RunResult r = RunBench(args);
@@ -169,8 +198,8 @@ TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
 TEST(SanregBenchTest, HelpDescribesTheFlags) {
   RunResult r = RunBench({"--help"});
   std::string all = r.out + r.err;
-  for (const char* flag : {"--fabric", "--sizes", "--ops", "--duration", "--threads",
-                           "--workload", "--mode", "--json", "--csv"}) {
+  for (const char* flag : {"--fabric", "--sizes", "--ops", "--duration", "--threads", "--workload",
+                           "--mode", "--via", "--json", "--csv", "--plot"}) {
     EXPECT_NE(all.find(std::string(flag).substr(2)), std::string::npos) << flag;
   }
 }
