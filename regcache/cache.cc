@@ -201,10 +201,13 @@ RegistrationCache::RegistrationCache(Registrar* registrar, const Options& option
     }
   }
   if (options_.reclaimer_thread) reclaimer_ = std::thread([this] { ReclaimerLoop(); });
-  // sanreg_stat: publish this cache's statistics (best effort; -1 when the segment is unavailable).
+  // sanreg_stat: publish this cache's statistics, and its regions when asked (best effort; -1 when
+  // the segment is unavailable).
   if (options_.publish_stats) {
     static std::atomic<uint64_t> next_id{1};
-    stats_slot_ = Publish(next_id.fetch_add(1), [this] { return Stats(); });
+    stats_slot_ = Publish(
+        next_id.fetch_add(1), [this] { return Stats(); },
+        [this](size_t max, std::vector<RegionInfo>* out) { return Regions(max, out); });
   }
 }
 
@@ -387,6 +390,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   r->end.store(end, std::memory_order_relaxed);
   r->access.store(access, std::memory_order_relaxed);
   const uint64_t created = NowTicks();
+  r->created_ticks = created;
   r->last_use.store(created, std::memory_order_relaxed);
   uint64_t inc = Incarnation(r->state.load(std::memory_order_relaxed)) + 1;
   ++slow_stats_.registrations;
@@ -592,10 +596,14 @@ void RegistrationCache::MaybeGrowTable() {
   table_.store(tables_.back().get(), std::memory_order_release);
 }
 
+size_t RegistrationCache::PoolChunkSize(size_t i) {
+  return i == 0 ? 64 : std::min<size_t>(size_t{64} << std::min<size_t>(i, 16), 65536);
+}
+
 RegistrationCache::Region* RegistrationCache::AllocRegion() {
   std::lock_guard<std::mutex> lock(pool_mu_);
   if (free_ == nullptr) {
-    size_t n = pool_.empty() ? 64 : std::min<size_t>(64 << pool_.size(), 65536);
+    size_t n = PoolChunkSize(pool_.size());
     pool_.push_back(std::make_unique<Region[]>(n));
     for (size_t i = 0; i < n; ++i) {
       pool_.back()[i].next_free = free_;
@@ -719,6 +727,52 @@ void RegistrationCache::FlushReclaimer() {
     reclaim_cv_.wait(lock);
     --flush_waiters_;
   }
+}
+
+size_t RegistrationCache::Regions(size_t max, std::vector<RegionInfo>* out) const {
+  out->clear();
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t now = NowTicks();
+  auto ns = [this, now](uint64_t then) {
+    return now > then ? static_cast<uint64_t>(static_cast<double>(now - then) * ns_per_tick_) : 0;
+  };
+  // Only the lock holder creates, kills or recycles a region (invariant 1; recycling happens in
+  // AcquireSlow): under mu_, start, end, access and created_ticks of every region read below are
+  // stable. References and last_use change with hits and releases: read as they are.
+  auto add = [&](const Region* r, uint64_t state, RegionInfo::State kind) {
+    RegionInfo info;
+    info.start = r->start.load(std::memory_order_relaxed);
+    info.length = r->end.load(std::memory_order_relaxed) - info.start;
+    info.access = r->access.load(std::memory_order_relaxed);
+    info.references = static_cast<uint32_t>(state & kRefMask);
+    info.state = kind;
+    info.age_ns = ns(r->created_ticks);
+    if (info.references == 0) info.idle_ns = ns(r->last_use.load(std::memory_order_relaxed));
+    out->push_back(info);
+  };
+  size_t total = 0;
+  tree_.VisitOverlapping(0, ~uintptr_t{0}, [&](Tree::Handle h) {
+    ++total;
+    if (out->size() >= max) return;
+    const Region* r = Tree::Value(h);
+    const uint64_t s = r->state.load(std::memory_order_acquire);
+    add(r, s, (s & kRefMask) ? RegionInfo::State::kActive : RegionInfo::State::kIdle);
+  });
+  // Dead but referenced: out of the index, found in the pool (never-used and recycled regions
+  // hold no reference; dead ones without references await the reclaimer and are not listed).
+  std::lock_guard<std::mutex> pool_lock(pool_mu_);
+  for (size_t i = 0; i < pool_.size(); ++i) {
+    for (size_t k = 0; k < PoolChunkSize(i); ++k) {
+      const Region* r = &pool_[i][k];
+      const uint64_t s = r->state.load(std::memory_order_acquire);
+      if ((s & kDeadBit) == 0 || (s & kRefMask) == 0) continue;
+      ++total;
+      if (out->size() >= max) continue;
+      add(r, s,
+          (s & kInvalidatedBit) ? RegionInfo::State::kInvalidated : RegionInfo::State::kRetired);
+    }
+  }
+  return total;
 }
 
 CacheStats RegistrationCache::Stats() const {

@@ -109,6 +109,26 @@ struct CacheStats {
   uint64_t misses() const { return misses_absent + misses_rights + misses_invalidated; }
 };
 
+// One registered region, as RegistrationCache::Regions lists it (a snapshot: references change
+// with every hit).
+struct RegionInfo {
+  enum class State : uint32_t {
+    kActive = 0,       // in the index, referenced
+    kIdle = 1,         // in the index, unreferenced: kept registered, evictable
+    kInvalidated = 2,  // dropped by Invalidate or a memory event while referenced; deregistered
+                       // on its last release
+    kRetired = 3,      // dropped otherwise while referenced (absorbed by a merge, or handed out
+                       // uncached); deregistered on its last release
+  };
+  uintptr_t start = 0;  // page-aligned
+  size_t length = 0;
+  uint32_t access = 0;  // Access bits
+  uint32_t references = 0;
+  State state = State::kIdle;
+  uint64_t age_ns = 0;   // since it was registered
+  uint64_t idle_ns = 0;  // since its last release; 0 while referenced
+};
+
 // A counted reference to a cached region. Move-only; dropping it releases the reference.
 class RegionRef {
  public:
@@ -212,6 +232,14 @@ class RegistrationCache {
   void Flush();
 
   CacheStats Stats() const;
+
+  // Lists the cache's regions into *out (cleared first), at most `max` of them: those in the index
+  // by address, then those dropped from it but still referenced. Returns how many there are in
+  // all (more than out->size() when some were left out). Regions awaiting deregistration are not
+  // listed. Holds the cache lock while it walks the index and the region pool, so misses wait:
+  // for diagnostics (sanreg_stat --regions), not for a hot path.
+  size_t Regions(size_t max, std::vector<RegionInfo>* out) const;
+
   const Options& options() const { return options_; }
 
  private:
@@ -271,6 +299,8 @@ class RegistrationCache {
   void MaybeCompactHeap();
   void MaybeGrowTable();
   Region* AllocRegion();
+  // Regions in pool_[i].
+  static size_t PoolChunkSize(size_t i);
 
   // Queues dead, unreferenced regions for deregistration; wakes the reclaimer if it sleeps.
   template <typename Range>
@@ -310,8 +340,8 @@ class RegistrationCache {
   std::atomic<uint64_t> deregistration_failures_{0};
   std::atomic<uint64_t> stale_hits_{0};
 
-  std::mutex pool_mu_;
-  std::vector<std::unique_ptr<Region[]>> pool_;  // guarded by pool_mu_
+  mutable std::mutex pool_mu_;                   // taken after mu_ where both are held
+  std::vector<std::unique_ptr<Region[]>> pool_;  // guarded by pool_mu_; PoolChunkSize(i) each
   Region* free_ = nullptr;                       // guarded by pool_mu_
 
   std::mutex reclaim_mu_;

@@ -419,6 +419,65 @@ TEST_F(RegistrationCacheTest, StatsCountEveryEvent) {
   EXPECT_EQ(latency_samples, 1u);
 }
 
+TEST_F(RegistrationCacheTest, RegionsListsTheIndexByAddressThenDroppedRegionsStillReferenced) {
+  RegionRef merged_away = Get(kBase, kPage);                 // absorbed by the merge below
+  RegionRef merged = Get(kBase, 2 * kPage);                  // [kBase, +2 pages)
+  { RegionRef idle = Get(kBase + 8 * kPage, kPage); }        // released: idle
+  RegionRef rw = Get(kBase + 4 * kPage, 2 * kPage, kWrite);  // between them by address
+  RegionRef invalidated = Get(kBase + 16 * kPage, kPage);
+  ASSERT_EQ(*cache_->Invalidate(kBase + 16 * kPage, 1), 1u);  // still referenced
+  { RegionRef gone = Get(kBase + 20 * kPage, kPage); }
+  ASSERT_EQ(*cache_->Invalidate(kBase + 20 * kPage, 1), 1u);  // dropped, unreferenced: not listed
+  cache_->Flush();
+
+  std::vector<RegionInfo> out;
+  ASSERT_EQ(cache_->Regions(100, &out), 5u);
+  ASSERT_EQ(out.size(), 5u);
+  using State = RegionInfo::State;
+  struct Want {
+    uintptr_t start;
+    size_t length;
+    uint32_t access;
+    uint32_t references;
+    State state;
+  };
+  const Want wants[] = {
+      {kBase, 2 * kPage, kRead, 1, State::kActive},
+      {kBase + 4 * kPage, 2 * kPage, kWrite, 1, State::kActive},
+      {kBase + 8 * kPage, kPage, kRead, 0, State::kIdle},
+      // Out of the index, in pool order (either may come first).
+      {kBase, kPage, kRead, 1, State::kRetired},
+      {kBase + 16 * kPage, kPage, kRead, 1, State::kInvalidated},
+  };
+  if (out[3].state != State::kRetired) std::swap(out[3], out[4]);
+  for (size_t i = 0; i < out.size(); ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(out[i].start, wants[i].start);
+    EXPECT_EQ(out[i].length, wants[i].length);
+    EXPECT_EQ(out[i].access, wants[i].access);
+    EXPECT_EQ(out[i].references, wants[i].references);
+    EXPECT_EQ(out[i].state, wants[i].state);
+    EXPECT_GT(out[i].age_ns, 0u);
+    if (wants[i].references == 0) {
+      EXPECT_GT(out[i].idle_ns, 0u);
+    } else {
+      EXPECT_EQ(out[i].idle_ns, 0u);
+    }
+  }
+
+  // A bound lists the first ones and still counts them all.
+  EXPECT_EQ(cache_->Regions(2, &out), 5u);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[1].start, kBase + 4 * kPage);
+  EXPECT_EQ(cache_->Regions(0, &out), 5u);
+  EXPECT_TRUE(out.empty());
+
+  merged_away.Reset();
+  invalidated.Reset();
+  cache_->Flush();
+  EXPECT_EQ(cache_->Regions(100, &out), 3u);
+}
+
 TEST_F(RegistrationCacheTest, RegionRefMoveTransfersTheReference) {
   RegionRef a = Get(kBase, kPage);
   RegionRef b = std::move(a);

@@ -64,13 +64,16 @@ class Publisher {
     return *p;
   }
 
-  int Add(uint64_t cache_id, std::function<CacheStats()> source) {
+  int Add(uint64_t cache_id, std::function<CacheStats()> source, RegionSource regions) {
     std::unique_lock<std::mutex> lock(mu_);
     if (exiting_ || !MapLocked()) return -1;
     for (int i = 0; i < static_cast<int>(StatsSegmentHeader::kSlots); ++i) {
       if (sources_[i]) continue;
       sources_[i] = std::move(source);
+      region_sources_[i] = std::move(regions);
       ids_[i] = cache_id;
+      // A table left by the slot's previous cache answers no request of this one.
+      Slots(base_)[i].regions.served.store(0, std::memory_order_relaxed);
       PublishLocked(i);
       Slots(base_)[i].in_use.store(1, std::memory_order_release);
       if (thread_ == nullptr) thread_ = std::make_unique<std::thread>([this] { Loop(); });
@@ -84,6 +87,7 @@ class Publisher {
     std::unique_lock<std::mutex> lock(mu_);
     if (pid_ != getpid()) return;  // published by the parent of this forked child
     sources_[id] = nullptr;
+    region_sources_[id] = nullptr;
     if (base_ != nullptr) Slots(base_)[id].in_use.store(0, std::memory_order_release);
   }
 
@@ -103,6 +107,7 @@ class Publisher {
       munmap(base_, SegmentBytes());
       base_ = nullptr;
       for (auto& s : sources_) s = nullptr;
+      for (auto& r : region_sources_) r = nullptr;
       (void)thread_.release();  // the object names a thread of the parent: leak it
     }
     if (base_ != nullptr) return true;
@@ -125,6 +130,7 @@ class Publisher {
     h->slots = StatsSegmentHeader::kSlots;
     h->pid = getpid();
     h->published_ns.store(RealtimeNs());
+    h->region_requests.store(0);
     Fence(std::memory_order_release);
     h->magic = StatsSegmentHeader::kMagic;
     base_ = p;
@@ -147,7 +153,39 @@ class Publisher {
     for (int i = 0; i < static_cast<int>(StatsSegmentHeader::kSlots); ++i) {
       if (sources_[i]) PublishLocked(i);
     }
-    static_cast<StatsSegmentHeader*>(base_)->published_ns.store(RealtimeNs());
+    auto* h = static_cast<StatsSegmentHeader*>(base_);
+    h->published_ns.store(RealtimeNs());
+    const uint64_t want = h->region_requests.load(std::memory_order_acquire);
+    for (int i = 0; i < static_cast<int>(StatsSegmentHeader::kSlots); ++i) {
+      if (!sources_[i]) continue;
+      RegionTable& t = Slots(base_)[i].regions;
+      if (t.served.load(std::memory_order_relaxed) != want) PublishRegionsLocked(i, want);
+    }
+  }
+
+  // Lists slot i's regions (none without a region source) and marks request `want` answered.
+  void PublishRegionsLocked(int i, uint64_t want) {
+    size_t total = 0;
+    region_buffer_.clear();
+    if (region_sources_[i]) {
+      total = region_sources_[i](StatsSegmentHeader::kMaxRegions, &region_buffer_);
+    }
+    RegionTable& t = Slots(base_)[i].regions;
+    uint64_t seq = t.seq.load(std::memory_order_relaxed);
+    t.seq.store(seq + 1, std::memory_order_relaxed);
+    Fence(std::memory_order_release);
+    t.cache_id = ids_[i];
+    t.published_ns = RealtimeNs();
+    t.total = total;
+    t.count = std::min<size_t>(region_buffer_.size(), StatsSegmentHeader::kMaxRegions);
+    for (size_t k = 0; k < t.count; ++k) {
+      const RegionInfo& r = region_buffer_[k];
+      t.regions[k] =
+          PublishedRegion{r.start, r.length, r.access, r.references, static_cast<uint32_t>(r.state),
+                          0,       r.age_ns, r.idle_ns};
+    }
+    t.seq.store(seq + 2, std::memory_order_release);
+    t.served.store(want, std::memory_order_release);
   }
 
   void Loop() {
@@ -177,6 +215,8 @@ class Publisher {
   pid_t pid_ = 0;
   bool exiting_ = false;
   std::function<CacheStats()> sources_[StatsSegmentHeader::kSlots];  // guarded by mu_
+  RegionSource region_sources_[StatsSegmentHeader::kSlots];          // guarded by mu_
+  std::vector<RegionInfo> region_buffer_;                            // guarded by mu_
   uint64_t ids_[StatsSegmentHeader::kSlots] = {};                      // guarded by mu_
   std::unique_ptr<std::thread> thread_;  // guarded by mu_
 };
@@ -231,8 +271,8 @@ CacheStats FromPublished(const PublishedStats& p) {
   return s;
 }
 
-int Publish(uint64_t cache_id, std::function<CacheStats()> source) {
-  return Publisher::Get().Add(cache_id, std::move(source));
+int Publish(uint64_t cache_id, std::function<CacheStats()> source, RegionSource regions) {
+  return Publisher::Get().Add(cache_id, std::move(source), std::move(regions));
 }
 
 void Unpublish(int id) { Publisher::Get().Remove(id); }
@@ -241,47 +281,131 @@ void PublishStatsNow() { Publisher::Get().PublishAll(); }
 
 std::string StatsSegmentPath(pid_t pid) { return absl::StrCat("/dev/shm/sanreg.", pid); }
 
-absl::StatusOr<ProcessStats> ReadStatsSegment(pid_t pid) {
+namespace {
+
+// Maps process pid's segment (read-only, or read-write to ask for region tables) and checks its
+// header. Returns the mapping (SegmentBytes() long; the caller unmaps it).
+absl::StatusOr<void*> MapSegment(pid_t pid, bool writable) {
   std::string name = ShmName(pid);
-  int fd = shm_open(name.c_str(), O_RDONLY, 0);
+  int fd = shm_open(name.c_str(), writable ? O_RDWR : O_RDONLY, 0);
   if (fd < 0) {
     if (errno == EACCES) return absl::PermissionDeniedError(StatsSegmentPath(pid));
     return absl::NotFoundError(absl::StrCat("no sanreg statistics for pid ", pid));
   }
   struct stat st;
-  if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < SegmentBytes()) {
+  if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < sizeof(StatsSegmentHeader)) {
     close(fd);
     return absl::DataLossError(absl::StrCat(StatsSegmentPath(pid), " is not a sanreg segment"));
   }
-  void* p = mmap(nullptr, SegmentBytes(), PROT_READ, MAP_SHARED, fd, 0);
+  if (static_cast<size_t>(st.st_size) != SegmentBytes()) {
+    close(fd);
+    return absl::DataLossError(absl::StrCat(StatsSegmentPath(pid), " has another version"));
+  }
+  void* p = mmap(nullptr, SegmentBytes(), writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
+                 fd, 0);
   close(fd);
   if (p == MAP_FAILED) return absl::PermissionDeniedError(StatsSegmentPath(pid));
   auto* h = static_cast<const StatsSegmentHeader*>(p);
-  absl::StatusOr<ProcessStats> out;
   if (h->magic != StatsSegmentHeader::kMagic || h->version != StatsSegmentHeader::kVersion ||
       h->slots != StatsSegmentHeader::kSlots) {
-    out = absl::DataLossError(absl::StrCat(StatsSegmentPath(pid), " has another version"));
-  } else {
-    ProcessStats ps;
-    ps.pid = pid;
-    ps.published_ns = h->published_ns.load(std::memory_order_acquire);
-    StatsSlot* slots = Slots(p);
+    munmap(p, SegmentBytes());
+    return absl::DataLossError(absl::StrCat(StatsSegmentPath(pid), " has another version"));
+  }
+  return p;
+}
+
+}  // namespace
+
+absl::StatusOr<ProcessStats> ReadStatsSegment(pid_t pid) {
+  absl::StatusOr<void*> p = MapSegment(pid, /*writable=*/false);
+  if (!p.ok()) return p.status();
+  auto* h = static_cast<const StatsSegmentHeader*>(*p);
+  ProcessStats ps;
+  ps.pid = pid;
+  ps.published_ns = h->published_ns.load(std::memory_order_acquire);
+  StatsSlot* slots = Slots(*p);
+  for (uint32_t i = 0; i < StatsSegmentHeader::kSlots; ++i) {
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+      uint64_t s0 = slots[i].seq.load(std::memory_order_acquire);
+      if (s0 & 1) continue;
+      if (slots[i].in_use.load(std::memory_order_acquire) == 0) break;
+      PublishedStats copy;
+      std::memcpy(&copy, &slots[i].stats, sizeof copy);
+      Fence(std::memory_order_acquire);
+      if (slots[i].seq.load(std::memory_order_relaxed) != s0) continue;
+      ps.caches.emplace_back(copy.cache_id, FromPublished(copy));
+      break;
+    }
+  }
+  munmap(*p, SegmentBytes());
+  return ps;
+}
+
+absl::StatusOr<ProcessRegions> ReadRegions(pid_t pid, std::chrono::milliseconds timeout) {
+  absl::StatusOr<void*> p = MapSegment(pid, /*writable=*/true);
+  if (!p.ok()) return p.status();
+  auto* h = static_cast<StatsSegmentHeader*>(*p);
+  StatsSlot* slots = Slots(*p);
+  const uint64_t ticket = h->region_requests.fetch_add(1, std::memory_order_acq_rel) + 1;
+  // Every slot in use must answer this request (or a later one); the publisher looks every
+  // kPublishInterval.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto answered = [&] {
     for (uint32_t i = 0; i < StatsSegmentHeader::kSlots; ++i) {
-      for (int attempt = 0; attempt < 1000; ++attempt) {
-        uint64_t s0 = slots[i].seq.load(std::memory_order_acquire);
-        if (s0 & 1) continue;
-        if (slots[i].in_use.load(std::memory_order_acquire) == 0) break;
-        PublishedStats copy;
-        std::memcpy(&copy, &slots[i].stats, sizeof copy);
-        Fence(std::memory_order_acquire);
-        if (slots[i].seq.load(std::memory_order_relaxed) != s0) continue;
-        ps.caches.emplace_back(copy.cache_id, FromPublished(copy));
-        break;
+      if (slots[i].in_use.load(std::memory_order_acquire) != 0 &&
+          slots[i].regions.served.load(std::memory_order_acquire) < ticket) {
+        return false;
       }
     }
-    out = std::move(ps);
+    return true;
+  };
+  while (!answered()) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      munmap(*p, SegmentBytes());
+      return absl::DeadlineExceededError(
+          absl::StrCat("pid ", pid, " did not list its regions within ", timeout.count(), " ms"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  munmap(p, SegmentBytes());
+  ProcessRegions out;
+  out.pid = pid;
+  auto table = std::make_unique<RegionTable>();  // 192 KiB: not on the stack
+  for (uint32_t i = 0; i < StatsSegmentHeader::kSlots; ++i) {
+    const RegionTable& t = slots[i].regions;
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+      if (slots[i].in_use.load(std::memory_order_acquire) == 0) break;
+      uint64_t s0 = t.seq.load(std::memory_order_acquire);
+      if (s0 & 1) continue;
+      table->cache_id = t.cache_id;
+      table->published_ns = t.published_ns;
+      table->total = t.total;
+      table->count = std::min<uint64_t>(t.count, StatsSegmentHeader::kMaxRegions);
+      std::memcpy(table->regions, t.regions, table->count * sizeof(PublishedRegion));
+      Fence(std::memory_order_acquire);
+      if (t.seq.load(std::memory_order_relaxed) != s0) continue;
+      CacheRegions c;
+      c.cache_id = table->cache_id;
+      c.total = table->total;
+      for (uint64_t k = 0; k < table->count; ++k) {
+        const PublishedRegion& r = table->regions[k];
+        RegionInfo info;
+        info.start = r.start;
+        info.length = r.length;
+        info.access = r.access;
+        info.references = r.references;
+        info.state = static_cast<RegionInfo::State>(r.state);
+        info.age_ns = r.age_ns;
+        info.idle_ns = r.idle_ns;
+        c.regions.push_back(info);
+      }
+      if (out.published_ns == 0 || table->published_ns < out.published_ns) {
+        out.published_ns = table->published_ns;
+      }
+      out.caches.push_back(std::move(c));
+      break;
+    }
+  }
+  munmap(*p, SegmentBytes());
   return out;
 }
 

@@ -1,13 +1,13 @@
 // stats_segment_test.cc: a cache publishes its statistics in /dev/shm/sanreg.<pid>, a reader sees
-// exactly them, unpublishing frees the slot, and a dead process's segment is removed by the lister.
+// exactly them, and on request exactly its regions (the first kMaxRegions, with a count of the
+// rest); unpublishing frees the slot, and a dead process's segment is removed by the lister.
 
 #include "regcache/stats_segment.h"
 
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <memory>
@@ -62,6 +62,74 @@ TEST(StatsSegmentTest, ReaderSeesExactlyTheCachesRegistrations) {
   ps = ReadStatsSegment(getpid());
   ASSERT_TRUE(ps.ok()) << ps.status();
   EXPECT_TRUE(ps->caches.empty()) << "a destroyed cache is still listed";
+}
+
+TEST(StatsSegmentTest, RegionTablesArePublishedOnRequest) {
+  FakeRegistrar fake;
+  RegistrationCache::Options o;
+  o.memory_monitor = MemoryMonitorMode::kNone;
+  auto cache = RegistrationCache::Create(&fake, o);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  alignas(4096) static char arena[64 * kPage];
+  std::vector<RegionRef> refs;
+  for (auto [page, pages] : {std::pair{0, 1}, std::pair{8, 2}}) {
+    auto r = (*cache)->Acquire(arena + page * kPage, pages * kPage, kAccessLocalRead);
+    ASSERT_TRUE(r.ok()) << r.status();
+    refs.push_back(*std::move(r));
+  }
+  refs[1].Reset();
+
+  // The publisher thread answers within a round or two.
+  auto pr = ReadRegions(getpid(), std::chrono::seconds(5));
+  ASSERT_TRUE(pr.ok()) << pr.status();
+  EXPECT_EQ(pr->pid, getpid());
+  EXPECT_GT(pr->published_ns, 0u);
+  ASSERT_EQ(pr->caches.size(), 1u);
+  const CacheRegions& c = pr->caches[0];
+  EXPECT_EQ(c.total, 2u);
+  ASSERT_EQ(c.regions.size(), 2u);
+  EXPECT_EQ(c.regions[0].start, reinterpret_cast<uintptr_t>(arena));
+  EXPECT_EQ(c.regions[0].length, kPage);
+  EXPECT_EQ(c.regions[0].references, 1u);
+  EXPECT_EQ(c.regions[0].state, RegionInfo::State::kActive);
+  EXPECT_EQ(c.regions[1].start, reinterpret_cast<uintptr_t>(arena + 8 * kPage));
+  EXPECT_EQ(c.regions[1].length, 2 * kPage);
+  EXPECT_EQ(c.regions[1].access, kAccessLocalRead);
+  EXPECT_EQ(c.regions[1].references, 0u);
+  EXPECT_EQ(c.regions[1].state, RegionInfo::State::kIdle);
+
+  // A later request sees later changes.
+  refs.clear();
+  ASSERT_EQ(*(*cache)->Invalidate(arena, sizeof arena), 2u);
+  pr = ReadRegions(getpid(), std::chrono::seconds(5));
+  ASSERT_TRUE(pr.ok()) << pr.status();
+  ASSERT_EQ(pr->caches.size(), 1u);
+  EXPECT_EQ(pr->caches[0].total, 0u);
+  EXPECT_TRUE(pr->caches[0].regions.empty());
+}
+
+TEST(StatsSegmentTest, RegionTableListsTheFirstRegionsAndCountsTheRest) {
+  FakeRegistrar fake;
+  RegistrationCache::Options o;
+  o.memory_monitor = MemoryMonitorMode::kNone;
+  auto cache = RegistrationCache::Create(&fake, o);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  // The fake registrar touches no memory: made-up, disjoint one-page ranges.
+  const uintptr_t base = uintptr_t{1} << 40;
+  const size_t n = StatsSegmentHeader::kMaxRegions + 100;
+  for (size_t i = 0; i < n; ++i) {
+    auto r = (*cache)->Acquire(base + 2 * i * kPage, kPage, kAccessLocalRead);
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  auto pr = ReadRegions(getpid(), std::chrono::seconds(5));
+  ASSERT_TRUE(pr.ok()) << pr.status();
+  ASSERT_EQ(pr->caches.size(), 1u);
+  EXPECT_EQ(pr->caches[0].total, n);
+  ASSERT_EQ(pr->caches[0].regions.size(), StatsSegmentHeader::kMaxRegions);
+  for (size_t i = 0; i < StatsSegmentHeader::kMaxRegions; ++i) {
+    ASSERT_EQ(pr->caches[0].regions[i].start, base + 2 * i * kPage) << i;
+    ASSERT_EQ(pr->caches[0].regions[i].state, RegionInfo::State::kIdle) << i;
+  }
 }
 
 TEST(StatsSegmentTest, CacheWithPublishingOffIsNotListed) {

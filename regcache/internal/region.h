@@ -52,7 +52,8 @@ struct alignas(64) Region {
   // Written before publication; read only by holders of a reference or by the owner of a dead
   // region (the reclaimer).
   Registration reg;
-  uint64_t cost_ticks = 0;  // what registering it cost, for the cost-aware policy
+  uint64_t cost_ticks = 0;     // what registering it cost, for the cost-aware policy
+  uint64_t created_ticks = 0;  // when it was registered, for RegistrationCache::Regions
   // Guarded by the cache lock.
   IntervalTree<Region*>::Handle node = nullptr;
   // Guarded by the pool lock.
