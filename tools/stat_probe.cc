@@ -1,12 +1,19 @@
 // stat_probe: a process that holds known registrations, for sanreg_stat_test.
 //
-// Creates one cache over a fake registrar, acquires three disjoint regions of 1, 2 and 4 pages
-// (7 pages pinned, 3 registrations, 3 misses) and one hit, publishes its statistics, prints
-// "ready <pid>" and holds everything until its stdin closes; then exits normally.
+// Creates one cache over a fake registrar and, in a 32-page arena, registers four disjoint regions
+// (4 misses, 4 registrations) and takes one more reference with a hit:
+//   pages  0     1 page,  local_read,              2 references (the hit): active
+//   pages  8-9   2 pages, local_read,              released:               idle
+//   pages 16-19  4 pages, local_read+local_write,  1 reference:            active
+//   pages 24     1 page,  local_read,              1 reference, then Invalidate: invalidated
+// (8 pages pinned; 3 regions in the index; 1 invalidation). Publishes its statistics, prints
+// "ready <pid> <arena address>" and holds everything until its stdin closes; then exits normally.
 
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cinttypes>
+#include <cstdint>
 #include <cstdio>
 #include <utility>
 #include <vector>
@@ -25,16 +32,27 @@ int main() {
   void* p = mmap(nullptr, 32 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return 1;
   char* arena = static_cast<char*>(p);
+  constexpr uint32_t kRead = sanreg::kAccessLocalRead;
+  constexpr uint32_t kReadWrite = sanreg::kAccessLocalRead | sanreg::kAccessLocalWrite;
+  struct Want {
+    int first, pages;
+    uint32_t access;
+  };
   std::vector<sanreg::RegionRef> refs;
-  for (auto [first, pages] : {std::pair{0, 1}, std::pair{8, 2}, std::pair{16, 4}}) {
-    auto r = (*cache)->Acquire(arena + first * page, pages * page, sanreg::kAccessLocalRead);
+  for (Want w :
+       {Want{0, 1, kRead}, Want{8, 2, kRead}, Want{16, 4, kReadWrite}, Want{24, 1, kRead}}) {
+    auto r = (*cache)->Acquire(arena + w.first * page, w.pages * page, w.access);
     if (!r.ok()) return 1;
     refs.push_back(*std::move(r));
   }
-  auto hit = (*cache)->Acquire(arena, page, sanreg::kAccessLocalRead);
+  auto hit = (*cache)->Acquire(arena, page, kRead);
   if (!hit.ok()) return 1;
+  refs[1].Reset();  // idle
+  auto dropped = (*cache)->Invalidate(arena + 24 * page, page);
+  if (!dropped.ok() || *dropped != 1) return 1;
   sanreg::PublishStatsNow();
-  std::printf("ready %d\n", static_cast<int>(getpid()));
+  std::printf("ready %d %" PRIuPTR "\n", static_cast<int>(getpid()),
+              reinterpret_cast<uintptr_t>(arena));
   std::fflush(stdout);
   char c;
   while (read(STDIN_FILENO, &c, 1) > 0) {
