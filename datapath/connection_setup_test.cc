@@ -23,14 +23,16 @@
 #include "datapath/fabric.h"
 #include "datapath/fd_io.h"
 #include "datapath/internal/test_util.h"
+#include "datapath/libfabric/liveness.h"
 
 namespace sanreg {
 namespace {
 
 using testing::ConnectedPair;
 
-// The shm regions in /dev/shm that belong to process `pid` (see kShmNamePrefix in setup.cc).
-std::vector<std::string> ShmRegionsOf(pid_t pid) {
+// The shm segments in /dev/shm that belong to process `pid` (see kShmNamePrefix in setup.cc):
+// endpoint regions, or with `beacons` the fabrics' liveness beacons.
+std::vector<std::string> ShmRegionsOf(pid_t pid, bool beacons = false) {
   struct stat st = {};
   EXPECT_EQ(stat("/proc/self/ns/pid", &st), 0);
   const std::string prefix = absl::StrCat("sanreg-", st.st_ino, "-", pid, "-");
@@ -38,7 +40,9 @@ std::vector<std::string> ShmRegionsOf(pid_t pid) {
   DIR* d = opendir("/dev/shm");
   if (d == nullptr) return out;
   while (dirent* e = readdir(d)) {
-    if (absl::StartsWith(e->d_name, prefix)) out.push_back(e->d_name);
+    if (absl::StartsWith(e->d_name, prefix) && absl::EndsWith(e->d_name, "-alive") == beacons) {
+      out.push_back(e->d_name);
+    }
   }
   closedir(d);
   return out;
@@ -75,19 +79,44 @@ TEST(ShmRegionsTest, RegionsOfAKilledProcessAreRemovedByTheNextOpen) {
   close(ready[0]);
   ASSERT_EQ(c, 1) << "the child could not connect over shm";
   EXPECT_EQ(ShmRegionsOf(child).size(), 2u);
+  EXPECT_EQ(ShmRegionsOf(child, /*beacons=*/true).size(), 2u);  // one per fabric
+  std::vector<std::unique_ptr<internal::LivenessWatch>> watches;
+  for (const std::string& b : ShmRegionsOf(child, true)) {
+    watches.push_back(internal::LivenessWatch::Open(b));
+    ASSERT_NE(watches.back(), nullptr) << b;
+    EXPECT_FALSE(watches.back()->Gone()) << b;
+  }
   kill(child, SIGKILL);
   int st = 0;
   ASSERT_EQ(waitpid(child, &st, 0), child);
+  for (const auto& w : watches) EXPECT_TRUE(w->Gone()) << "the beacon outlived its process";
   EXPECT_EQ(ShmRegionsOf(child).size(), 2u) << "SIGKILL left nothing behind: nothing to test";
 
   auto next = Fabric::Open(Shm());
   ASSERT_TRUE(next.ok()) << next.status();
   EXPECT_TRUE(ShmRegionsOf(child).empty());
+  EXPECT_TRUE(ShmRegionsOf(child, true).empty());
   EXPECT_EQ(ShmRegionsOf(getpid()).size(), 2u);  // this live process's are untouched
+  EXPECT_EQ(ShmRegionsOf(getpid(), true).size(), 3u);
 
   mine->initiator.reset();
   mine->target.reset();
   EXPECT_TRUE(ShmRegionsOf(getpid()).empty());  // a clean close removes its region
+}
+
+// A fabric's beacon reads alive while the fabric is open, and gone once it closes.
+TEST(ShmRegionsTest, BeaconReadsGoneOnceItsFabricCloses) {
+  auto f = Fabric::Open(Shm());
+  ASSERT_TRUE(f.ok()) << f.status();
+  std::vector<std::string> before = ShmRegionsOf(getpid(), true);
+  ASSERT_EQ(before.size(), 1u);
+  auto w = internal::LivenessWatch::Open(before[0]);
+  ASSERT_NE(w, nullptr);
+  EXPECT_FALSE(w->Gone());
+  f->reset();
+  EXPECT_TRUE(w->Gone());
+  EXPECT_TRUE(ShmRegionsOf(getpid(), true).empty());
+  EXPECT_EQ(internal::LivenessWatch::Open(before[0]), nullptr);
 }
 
 // The wire form of the out-of-band hello (setup.cc's HelloHeader), to speak it by hand here.

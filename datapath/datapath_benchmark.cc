@@ -15,12 +15,14 @@
 
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "datapath/endpoint.h"
@@ -122,10 +124,14 @@ struct Raw {
     if (rc != -FI_EAGAIN) abort();
     return false;
   }
-  // Reaps completions; returns how many.
+  // Reaps completions (driving the target's queue too); returns how many.
   int Reap() {
     fi_cq_entry e[16];
     fi_cq_read(cq[1], e, 16);
+    return ReapInitiator();
+  }
+  int ReapInitiator() {
+    fi_cq_entry e[16];
     ssize_t n = fi_cq_read(cq[0], e, 16);
     if (n == -FI_EAVAIL) abort();
     return n > 0 ? static_cast<int>(n) : 0;
@@ -153,6 +159,37 @@ void BM_Raw(benchmark::State& state, const char* prov, bool write) {
       done += raw.Reap();
     }
   }
+  state.SetBytesProcessed(state.iterations() * kDepth * static_cast<int64_t>(size));
+}
+
+// The same loop with the target progressed by a thread of its own that polls its completion
+// queue without pause, as a target in another process must be: the initiator's thread no longer
+// drives the target's side of the protocol. This is the raw loop sanreg is compared with.
+void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
+  Raw raw(prov);
+  if (!raw.ok) {
+    state.SkipWithError("raw setup failed");
+    return;
+  }
+  std::atomic<bool> stop{false};
+  std::thread target([&] {
+    fi_cq_entry e[16];
+    while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.cq[1], e, 16);
+  });
+  const size_t size = static_cast<size_t>(state.range(0));
+  for (auto _ : state) {
+    int posted = 0;
+    int done = 0;
+    while (done < kDepth) {
+      if (posted < kDepth && raw.TryPost(write, size)) {
+        ++posted;
+        continue;
+      }
+      done += raw.ReapInitiator();
+    }
+  }
+  stop.store(true);
+  target.join();
   state.SetBytesProcessed(state.iterations() * kDepth * static_cast<int64_t>(size));
 }
 
@@ -242,12 +279,20 @@ int main(int argc, char** argv) {
     for (bool write : {true, false}) {
       std::string op = write ? "write" : "read";
       for (int64_t size : {4096, 65536, 1 << 20}) {
-        benchmark::RegisterBenchmark(("raw/" + std::string(prov) + "/" + op).c_str(), BM_Raw,
-                                     prov, write)
+        benchmark::RegisterBenchmark(("raw/" + std::string(prov) + "/" + op).c_str(),
+                                     BM_RawTwoThreads, prov, write)
+            ->Arg(size)
+            ->UseRealTime();
+        benchmark::RegisterBenchmark(("raw1thread/" + std::string(prov) + "/" + op).c_str(),
+                                     BM_Raw, prov, write)
             ->Arg(size)
             ->UseRealTime();
         benchmark::RegisterBenchmark(("sanreg/" + std::string(prov) + "/" + op).c_str(),
                                      BM_Sanreg, prov, write, false)
+            ->Arg(size)
+            ->UseRealTime();
+        benchmark::RegisterBenchmark(("sanreg-poll/" + std::string(prov) + "/" + op).c_str(),
+                                     BM_Sanreg, prov, write, true)
             ->Arg(size)
             ->UseRealTime();
       }

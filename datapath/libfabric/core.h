@@ -37,6 +37,7 @@
 #include "absl/synchronization/mutex.h"
 #include "datapath/completion.h"
 #include "datapath/fabric.h"
+#include "datapath/libfabric/liveness.h"
 #include "datapath/remote_region.h"
 
 namespace sanreg::internal {
@@ -82,6 +83,10 @@ class FabricCore {
   std::string provider_name_;
   bool is_tcp_ = false;
   bool is_shm_ = false;
+  // shm: the prefix of this fabric's endpoint names, and the beacon its progress thread holds.
+  std::string shm_prefix_;
+  std::atomic<uint64_t> shm_endpoints_{0};
+  std::unique_ptr<LivenessBeacon> beacon_;
   bool virt_addr_ = false;     // FI_MR_VIRT_ADDR: remote addresses are virtual addresses
   bool prov_key_ = false;      // FI_MR_PROV_KEY: the provider picks keys
   bool remote_read_always_ = false;  // the provider makes every registration remotely readable
@@ -133,6 +138,14 @@ class EndpointCore {
   // Returns true when the peer asked the fabric to stay hot.
   bool OnSocketReadable();
   size_t pending() const { return pending_atomic_.load(std::memory_order_relaxed); }
+  // Endpoint::Poll marks its caller as driving this endpoint; while one does (the mark is younger
+  // than kDriverGraceNs on the coarse clock, so up to one clock tick, 4 ms), the progress thread
+  // leaves the endpoint to it instead of spinning on it too.
+  void MarkDriven(int64_t now_ns) { driven_ns_.store(now_ns, std::memory_order_relaxed); }
+  bool Driven(int64_t now_ns) const {
+    return now_ns - driven_ns_.load(std::memory_order_relaxed) < kDriverGraceNs;
+  }
+  static constexpr int64_t kDriverGraceNs = 200'000;
 
   FabricCore* const fabric_;
   uint64_t id_;  // set once, before the endpoint is published
@@ -143,6 +156,7 @@ class EndpointCore {
   fi_addr_t peer_ = FI_ADDR_UNSPEC;
   std::string local_name_;  // fi_getname
   std::atomic<bool> open_{false};
+  std::unique_ptr<LivenessWatch> peer_alive_;  // shm: the peer fabric's beacon, when it has one
 
  private:
   friend class sanreg::Completion;
@@ -173,6 +187,7 @@ class EndpointCore {
   size_t queued_count_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<size_t> pending_atomic_{0};  // posted_count_ + queued_count_
   int64_t last_wake_sent_ns_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<int64_t> driven_ns_{INT64_MIN / 2};
 
  public:
   absl::Status health() const {

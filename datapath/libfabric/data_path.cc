@@ -119,6 +119,7 @@ ssize_t EndpointCore::PostOne(Completion* c) {
 }
 
 bool EndpointCore::PeerGone() const {
+  if (peer_alive_ != nullptr) return peer_alive_->Gone();
   pollfd p = {sock_, POLLRDHUP, 0};
   return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP)) != 0;
 }
@@ -219,7 +220,8 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
     MaybeWakePeer(now);
   }
-  fabric_->Wake();
+  // A caller that polls this endpoint reaps the completion itself.
+  if (!Driven(now)) fabric_->Wake();
   return absl::OkStatus();
 }
 
@@ -326,6 +328,8 @@ void FabricCore::ProgressLoop() {
   uint64_t seen = ~uint64_t{0};
   int64_t hot_until = 0;
   int64_t last_poll = 0;
+  uint32_t idle_spins = 0;
+  constexpr uint32_t kSpinsPerYield = 64;
   const int idle_ms =
       std::max<int>(1, static_cast<int>(absl::ToInt64Milliseconds(options_.idle_poll)));
   while (!stop_.load(std::memory_order_relaxed)) {
@@ -342,24 +346,35 @@ void FabricCore::ProgressLoop() {
     int64_t now = NowCoarseNs();
     size_t work = 0;
     bool busy = false;
+    bool driven = false;  // some endpoint's caller polls it (Endpoint::Poll): leave it to them
     for (const auto& ep : snap) {
+      if (ep->Driven(now)) {
+        driven = true;
+        continue;
+      }
       work += ep->Progress(now);
       busy = busy || ep->pending() > 0;
     }
     bool hot = busy || now < hot_until;
     if (hot && now - last_poll < 1'000'000) {
-      if (work == 0) sched_yield();
+      // Spin; give the core away only now and then (a yield is a system call, slow next to a
+      // provider's poll), so that a busy machine still runs everything else.
+      if (work == 0 && ++idle_spins % kSpinsPerYield == 0) sched_yield();
       continue;
     }
     last_poll = now;
-    int timeout = 0;
+    timespec timeout = {0, 0};
     if (!hot) {
       sleeping_.store(true, std::memory_order_seq_cst);
       bool again = false;
-      for (const auto& ep : snap) again = again || ep->pending() > 0;
-      timeout = again ? 0 : idle_ms;
+      for (const auto& ep : snap) again = again || (ep->pending() > 0 && !ep->Driven(now));
+      // A driven endpoint is looked at again when its caller may have stopped polling it.
+      if (!again) {
+        timeout = driven ? timespec{0, EndpointCore::kDriverGraceNs}
+                         : timespec{idle_ms / 1000, (idle_ms % 1000) * 1'000'000L};
+      }
     }
-    int n = poll(fds.data(), fds.size(), timeout);
+    int n = ppoll(fds.data(), fds.size(), &timeout, nullptr);
     sleeping_.store(false, std::memory_order_relaxed);
     if (n <= 0) continue;
     if (fds[0].revents != 0) {
@@ -386,6 +401,10 @@ absl::Status Endpoint::Read(std::span<const Sge> sg, const RemoteRegion& src, ui
   return core_->Post(false, sg, src, offset, c);
 }
 
-size_t Endpoint::Poll() { return core_->Progress(internal::NowCoarseNs()); }
+size_t Endpoint::Poll() {
+  const int64_t now = internal::NowCoarseNs();
+  core_->MarkDriven(now);
+  return core_->Progress(now);
+}
 
 }  // namespace sanreg

@@ -25,11 +25,13 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
+#include "absl/synchronization/notification.h"
 #include "absl/strings/str_cat.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/socket.h"
 #include "datapath/libfabric/core.h"
+#include "datapath/libfabric/liveness.h"
 
 namespace sanreg {
 namespace internal {
@@ -143,8 +145,9 @@ absl::StatusOr<Hello> RecvHello(int fd) {
 // and creates it with O_EXCL. A process that dies before closing its endpoints (SIGKILL, _exit)
 // leaves its regions there, 16 MiB of tmpfs each, and a later process that gets the same pid then
 // fails fi_enable with EBUSY. So every shm endpoint here gets a name of its own,
-// "sanreg-<pid namespace>-<pid>-<64 random bits>-<counter>", and opening a shm fabric removes the
-// regions of processes of this pid namespace that are gone.
+// "sanreg-<pid namespace>-<pid>-<64 random bits>-<fabric>-<endpoint>", and opening a shm fabric
+// removes the regions of processes of this pid namespace that are gone. The same prefix names the
+// fabric's liveness beacon ("...-<fabric>-alive", liveness.h).
 constexpr char kShmNamePrefix[] = "sanreg-";
 
 // The inode of this process's pid namespace: pids are only comparable within one.
@@ -154,12 +157,13 @@ uint64_t PidNamespace() {
   return st.st_ino;
 }
 
-std::string NewShmName() {
+// "sanreg-<pid namespace>-<pid>-<random>-<fabric>": the prefix of one fabric's shm names.
+std::string NewShmPrefix() {
   static const uint64_t process_salt = RandomU64();
-  static std::atomic<uint64_t> counter{0};
+  static std::atomic<uint64_t> fabrics{0};
   return absl::StrCat(kShmNamePrefix, PidNamespace(), "-", getpid(), "-",
                       absl::Hex(process_salt ^ static_cast<uint64_t>(getpid()), absl::kZeroPad16),
-                      "-", counter.fetch_add(1));
+                      "-", fabrics.fetch_add(1));
 }
 
 // Removes the shm regions left by processes of this pid namespace that no longer exist.
@@ -259,7 +263,14 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   provider_name_ = info_->fabric_attr->prov_name;
   is_tcp_ = prov == "tcp";
   is_shm_ = provider_name_ == "shm";
-  if (is_shm_) SweepDeadShmRegions();
+  if (is_shm_) {
+    SweepDeadShmRegions();
+    shm_prefix_ = NewShmPrefix();
+    // Without a beacon peers fall back to polling this side's out-of-band socket.
+    absl::StatusOr<std::unique_ptr<LivenessBeacon>> b =
+        LivenessBeacon::Create(absl::StrCat(shm_prefix_, "-alive"));
+    if (b.ok()) beacon_ = *std::move(b);
+  }
   virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
   prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
   // Quirk (libfabric 1.17, ofi_rxm): rxm_mr_get_msg_access adds FI_REMOTE_READ to every
@@ -397,7 +408,15 @@ absl::StatusOr<bool> FabricCore::ProbeVirtAddr() {
 }
 
 void FabricCore::StartProgress() {
-  progress_ = std::thread([this] { ProgressLoop(); });
+  absl::Notification holding;
+  progress_ = std::thread([this, &holding] {
+    // The beacon is held before any endpoint exists, by the thread that lives as long as them.
+    if (beacon_ != nullptr) beacon_->Hold();
+    holding.Notify();
+    ProgressLoop();
+    if (beacon_ != nullptr) beacon_->Release();
+  });
+  holding.WaitForNotification();
   if (local_ != nullptr) local_->StartProgress();
 }
 
@@ -457,7 +476,7 @@ absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,
     info->src_addrlen = sizeof local;
     info->addr_format = FI_SOCKADDR_IN;
   } else if (is_shm_) {
-    std::string name = NewShmName();
+    std::string name = absl::StrCat(shm_prefix_, "-", shm_endpoints_.fetch_add(1));
     free(info->src_addr);
     info->src_addr = strdup(name.c_str());
     info->src_addrlen = name.size() + 1;
@@ -510,6 +529,7 @@ absl::Status InsertPeer(EndpointCore* ep, const std::string& name) {
   }
   int n = fi_av_insert(ep->av_, name.data(), 1, &ep->peer_, 0, nullptr);
   if (n != 1) return absl::UnavailableError("fi_av_insert of the peer's address failed");
+  if (ep->fabric_->is_shm_) ep->peer_alive_ = LivenessWatch::Open(BeaconNameFor(name));
   return absl::OkStatus();
 }
 
