@@ -19,6 +19,9 @@ packages=(
   iproute2
   procps
   gnuplot-nox
+  clang
+  libclang-rt-14-dev
+  pkg-config
 )
 
 missing=()
