@@ -1,30 +1,56 @@
 // sanreg's RegistrationCache side by side with UCX's ucs_rcache (Debian's libucx-dev), in one
-// process, on the same workloads and the same zero-cost register callbacks:
-//   BM_Hit<Cache>/regions/threads:  acquire + release of cached regions (each thread its own share);
-//   BM_Miss<Cache>:                 a miss on a fresh address, with the region dropped again
-//                                   outside the timing.
-// Compare the pairs as ratios (sanreg time / UCX time). Neither cache gets memory events here
-// (UCX: ucm_events = 0; sanreg: memory_monitor = none), so both measure the cache alone.
+// process, on the same workloads and the same register callbacks (zero-cost, or sanreg's mlock
+// PinRegistrar called from UCX's mem_reg/mem_dereg):
+//   BM_Memory<Cache>:                 bytes per cached region at 100,000 regions: the growth of
+//                                     resident memory (and of malloc'd bytes, mallinfo2), measured
+//                                     in a forked child so that neither cache reuses the other's
+//                                     freed memory;
+//   BM_Hit<Cache>/regions/threads:    acquire + release of cached regions (each thread its own
+//                                     share, in random order), at 100, 10,000 and 1,000,000
+//                                     regions, in steady state; the counter first_pass_ns is the
+//                                     first pass over all regions right after populating (see Get);
+//   BM_Miss<Cache>:                   a miss on a fresh address (zero-cost registrar), with the
+//                                     region dropped again outside the timing;
+//   BM_MissMlock<Cache>:              the same with the mlock registrar (registrar cost included);
+//   BM_Invalidate<Cache>/4096:        a range covering 4,096 cached regions is unmapped: the time
+//                                     until no lookup returns them;
+//   BM_InvalidateDereg<Cache>/4096:   ... and until all are deregistered.
+// Invalidation is told to both caches the way a program with its own memory hooks tells them:
+// sanreg's Invalidate(addr, len); UCX's ucm_vm_munmap(addr, len), with VM_UNMAPPED declared an
+// external event (ucm_set_external_event), so UCX installs no hooks of its own. UCX invalidates in
+// that call (its rcache lock is free) and puts the regions on its garbage list, which its next
+// miss deregisters; sanreg's reclaimer thread deregisters them, Flush() waits for it. Otherwise
+// neither cache gets memory events (UCX: ucm_events = 0; sanreg: memory_monitor = none).
+// At the end the pairs are printed as a markdown table of ratios (sanreg / UCX time), also written
+// to --ratios_md=FILE when given.
 // Run: bazel run -c opt //regcache:ucx_comparison_benchmark
 
 #include <benchmark/benchmark.h>
+#include <malloc.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
+#include <string>
 #include <vector>
 
 extern "C" {
+#include <ucm/api/ucm.h>
 #include <ucs/memory/rcache.h>
 }
 
 #include "regcache/cache.h"
 #include "regcache/null_registrar.h"
+#include "regcache/pin_registrar.h"
 
 namespace sanreg {
 namespace {
@@ -49,15 +75,51 @@ void UcxDump(void*, ucs_rcache_t*, ucs_rcache_region_t*, char* buf, size_t max) 
 }
 const ucs_rcache_ops_t kUcxOps = {UcxMemReg, UcxMemDereg, UcxDump};
 
-ucs_rcache_t* MakeUcx() {
+// The mlock callbacks: sanreg's PinRegistrar, called from UCX's hooks (context = the registrar).
+struct UcxPinnedRegion {
+  ucs_rcache_region_t super;
+  Registration reg;
+};
+ucs_status_t UcxPinReg(void* context, ucs_rcache_t*, void*, ucs_rcache_region_t* r, uint16_t) {
+  auto* pr = reinterpret_cast<UcxPinnedRegion*>(r);
+  auto reg = static_cast<PinRegistrar*>(context)->Register(
+      r->super.start, r->super.end - r->super.start, kAccessLocalRead);
+  if (!reg.ok()) return UCS_ERR_NO_MEMORY;
+  pr->reg = *reg;
+  return UCS_OK;
+}
+void UcxPinDereg(void* context, ucs_rcache_t*, ucs_rcache_region_t* r) {
+  (void)static_cast<PinRegistrar*>(context)->Deregister(reinterpret_cast<UcxPinnedRegion*>(r)->reg);
+}
+const ucs_rcache_ops_t kUcxPinOps = {UcxPinReg, UcxPinDereg, UcxDump};
+
+// Count registrations and deregistrations (the invalidation benchmark checks them).
+std::atomic<uint64_t> ucx_regs{0};
+std::atomic<uint64_t> ucx_deregs{0};
+ucs_status_t UcxCountingReg(void*, ucs_rcache_t*, void*, ucs_rcache_region_t*, uint16_t) {
+  ucx_regs.fetch_add(1, std::memory_order_relaxed);
+  return UCS_OK;
+}
+void UcxCountingDereg(void*, ucs_rcache_t*, ucs_rcache_region_t*) {
+  ucx_deregs.fetch_add(1, std::memory_order_relaxed);
+}
+const ucs_rcache_ops_t kUcxCountingOps = {UcxCountingReg, UcxCountingDereg, UcxDump};
+
+// `pin`: register through it (the mlock callbacks); `unmap_events`: subscribe to VM_UNMAPPED,
+// declared external, so that ucm_vm_munmap reaches the cache and no hook is installed.
+ucs_rcache_t* MakeUcx(PinRegistrar* pin = nullptr, bool unmap_events = false) {
   ucs_rcache_params_t p = {};
-  p.region_struct_size = sizeof(ucs_rcache_region_t);
+  p.region_struct_size = pin ? sizeof(UcxPinnedRegion) : sizeof(ucs_rcache_region_t);
   p.alignment = UCS_RCACHE_MIN_ALIGNMENT;
   p.max_alignment = kPage;
   p.ucm_events = 0;
+  if (unmap_events) {
+    ucm_set_external_event(UCM_EVENT_VM_UNMAPPED);
+    p.ucm_events = UCM_EVENT_VM_UNMAPPED;
+  }
   p.ucm_event_priority = 1000;
-  p.ops = &kUcxOps;
-  p.context = nullptr;
+  p.ops = pin ? &kUcxPinOps : unmap_events ? &kUcxCountingOps : &kUcxOps;
+  p.context = pin;
   p.flags = UCS_RCACHE_FLAG_NO_PFN_CHECK;
   p.max_regions = static_cast<unsigned long>(-1);
   p.max_size = static_cast<size_t>(-1);
@@ -67,15 +129,130 @@ ucs_rcache_t* MakeUcx() {
   return rc;
 }
 
+std::unique_ptr<RegistrationCache> MakeSanreg(Registrar* registrar, bool publish_stats = true) {
+  RegistrationCache::Options o;
+  o.memory_monitor = MemoryMonitorMode::kNone;
+  o.publish_stats = publish_stats;
+  auto c = RegistrationCache::Create(registrar, o);
+  if (!c.ok()) std::abort();
+  return std::move(*c);
+}
+
+NullRegistrar null_registrar;
+
+// ---- memory per cached region ----
+constexpr int kMemoryRegions = 100000;
+
+struct MemoryUse {
+  double rss = 0;   // resident bytes (/proc/self/statm)
+  double heap = 0;  // bytes malloc hands out (mallinfo2: arena in use + mmapped chunks)
+};
+
+MemoryUse MemoryNow() {
+  MemoryUse m;
+  long pages_total = 0, pages_resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages_total, &pages_resident) != 2) pages_resident = 0;
+    std::fclose(f);
+  }
+  m.rss = static_cast<double>(pages_resident) * kPage;
+  struct mallinfo2 mi = mallinfo2();
+  m.heap = static_cast<double>(mi.uordblks + mi.hblkhd);
+  return m;
+}
+
+// Runs `populate` (which caches kMemoryRegions regions and keeps them) in a forked child and
+// returns the growth of its memory per region. Both caches start from the same parent state, so
+// neither lands in memory the other freed. The arena is mapped (never touched) before measuring.
+MemoryUse MemoryPerRegion(void (*populate)(char* arena)) {
+  char* arena = Arena(2 * kMemoryRegions);
+  int fds[2];
+  if (pipe(fds) != 0) std::abort();
+  pid_t pid = fork();
+  if (pid < 0) std::abort();
+  if (pid == 0) {
+    close(fds[0]);
+    MemoryUse before = MemoryNow();
+    populate(arena);
+    MemoryUse after = MemoryNow();
+    MemoryUse per;
+    per.rss = (after.rss - before.rss) / kMemoryRegions;
+    per.heap = (after.heap - before.heap) / kMemoryRegions;
+    ssize_t n = write(fds[1], &per, sizeof per);
+    _exit(n == sizeof per ? 0 : 1);
+  }
+  close(fds[1]);
+  MemoryUse per;
+  ssize_t n = read(fds[0], &per, sizeof per);
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  munmap(arena, 2 * kMemoryRegions * kPage);
+  if (n != sizeof per || !WIFEXITED(status) || WEXITSTATUS(status) != 0) std::abort();
+  return per;
+}
+
+void PopulateSanreg(char* arena) {
+  // Kept: the child exits right after. Not published: _exit would leave the segment behind.
+  auto cache = MakeSanreg(&null_registrar, false).release();
+  for (int i = 0; i < kMemoryRegions; ++i) {
+    if (!cache->Acquire(arena + 2 * i * kPage, kPage, kAccessLocalRead).ok()) std::abort();
+  }
+}
+
+void PopulateUcx(char* arena) {
+  ucs_rcache_t* rc = MakeUcx();
+  for (int i = 0; i < kMemoryRegions; ++i) {
+    ucs_rcache_region_t* r;
+    if (ucs_rcache_get(rc, arena + 2 * i * kPage, kPage, PROT_READ, nullptr, &r) != UCS_OK) {
+      std::abort();
+    }
+    ucs_rcache_region_put(rc, r);
+  }
+}
+
+void Memory(benchmark::State& state, void (*populate)(char*)) {
+  MemoryUse per;
+  for (auto _ : state) per = MemoryPerRegion(populate);
+  state.counters["rss_per_region"] = per.rss;
+  state.counters["heap_per_region"] = per.heap;
+  state.counters["regions"] = kMemoryRegions;
+}
+void BM_MemorySanreg(benchmark::State& state) { Memory(state, PopulateSanreg); }
+void BM_MemoryUcx(benchmark::State& state) { Memory(state, PopulateUcx); }
+// First, while the heap holds little freed memory a child could reuse unseen.
+BENCHMARK(BM_MemorySanreg)->Iterations(1);
+BENCHMARK(BM_MemoryUcx)->Iterations(1);
+
 // ---- shared fixtures: one populated cache of each kind per region count ----
 struct Populated {
   char* arena = nullptr;
   std::unique_ptr<RegistrationCache> sanreg;
   ucs_rcache_t* ucx = nullptr;
+  // The first pass of hits over every region, in random order, right after populating: ns per hit.
+  double sanreg_first_pass_ns = 0;
+  double ucx_first_pass_ns = 0;
 };
 
-NullRegistrar null_registrar;
+std::vector<char*> Shuffled(char* arena, int regions, int threads, int thread_index) {
+  std::vector<char*> addrs;
+  for (int i = 0; i < regions; ++i) {
+    if (i % threads == thread_index) addrs.push_back(arena + 2 * i * kPage);
+  }
+  std::mt19937_64 rng(thread_index + 1);
+  std::shuffle(addrs.begin(), addrs.end(), rng);
+  return addrs;
+}
 
+double NsPerItem(std::chrono::steady_clock::time_point t0, size_t n) {
+  return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() /
+         static_cast<double>(n);
+}
+
+// Populates both caches, then makes one timed pass of hits over every region (the first pass:
+// sanreg's lookup table has grown while populating and a grown table starts empty, so the first
+// hit of a region whose slot was in an older table takes the slow path, once; UCX's page table has
+// no such state). The timed benchmarks after it measure hits in steady state.
 Populated& Get(int regions) {
   static std::mutex mu;
   static std::map<int, Populated> all;
@@ -83,11 +260,7 @@ Populated& Get(int regions) {
   Populated& p = all[regions];
   if (p.arena == nullptr) {
     p.arena = Arena(2 * regions);
-    RegistrationCache::Options o;
-    o.memory_monitor = MemoryMonitorMode::kNone;
-    auto c = RegistrationCache::Create(&null_registrar, o);
-    if (!c.ok()) std::abort();
-    p.sanreg = std::move(*c);
+    p.sanreg = MakeSanreg(&null_registrar);
     p.ucx = MakeUcx();
     for (int i = 0; i < regions; ++i) {
       char* a = p.arena + 2 * i * kPage;
@@ -96,18 +269,27 @@ Populated& Get(int regions) {
       if (ucs_rcache_get(p.ucx, a, kPage, PROT_READ, nullptr, &r) != UCS_OK) std::abort();
       ucs_rcache_region_put(p.ucx, r);
     }
+    const std::vector<char*> addrs = Shuffled(p.arena, regions, 1, 0);
+    auto t0 = std::chrono::steady_clock::now();
+    for (char* a : addrs) {
+      auto r = p.sanreg->Acquire(a, 64, kAccessLocalRead);
+      benchmark::DoNotOptimize(r);
+    }
+    p.sanreg_first_pass_ns = NsPerItem(t0, addrs.size());
+    t0 = std::chrono::steady_clock::now();
+    for (char* a : addrs) {
+      ucs_rcache_region_t* r;
+      if (ucs_rcache_get(p.ucx, a, 64, PROT_READ, nullptr, &r) != UCS_OK) std::abort();
+      benchmark::DoNotOptimize(r);
+      ucs_rcache_region_put(p.ucx, r);
+    }
+    p.ucx_first_pass_ns = NsPerItem(t0, addrs.size());
   }
   return p;
 }
 
 std::vector<char*> MyShare(benchmark::State& state, char* arena, int regions) {
-  std::vector<char*> addrs;
-  for (int i = 0; i < regions; ++i) {
-    if (i % state.threads() == state.thread_index()) addrs.push_back(arena + 2 * i * kPage);
-  }
-  std::mt19937_64 rng(state.thread_index() + 1);
-  std::shuffle(addrs.begin(), addrs.end(), rng);
-  return addrs;
+  return Shuffled(arena, regions, state.threads(), state.thread_index());
 }
 
 void BM_HitSanreg(benchmark::State& state) {
@@ -121,6 +303,7 @@ void BM_HitSanreg(benchmark::State& state) {
     if (++i == addrs.size()) i = 0;
   }
   state.SetItemsProcessed(state.iterations());
+  state.counters["first_pass_ns"] = p.sanreg_first_pass_ns;
 }
 
 void BM_HitUcx(benchmark::State& state) {
@@ -136,21 +319,20 @@ void BM_HitUcx(benchmark::State& state) {
     if (++i == addrs.size()) i = 0;
   }
   state.SetItemsProcessed(state.iterations());
+  state.counters["first_pass_ns"] = p.ucx_first_pass_ns;
 }
 
-BENCHMARK(BM_HitSanreg)->Arg(100)->Arg(10000)->Threads(1)->Threads(2)->UseRealTime();
-BENCHMARK(BM_HitUcx)->Arg(100)->Arg(10000)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK(BM_HitSanreg)->Arg(100)->Arg(10000)->Arg(1000000)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK(BM_HitUcx)->Arg(100)->Arg(10000)->Arg(1000000)->Threads(1)->Threads(2)->UseRealTime();
 
 // Misses: a fresh address each time; every 4,096 misses the regions are dropped, untimed.
 constexpr size_t kMissBatch = 4096;
 
-void BM_MissSanreg(benchmark::State& state) {
+// `pin`: register through sanreg's mlock registrar; else the zero-cost one.
+void MissSanreg(benchmark::State& state, bool pin) {
   char* arena = Arena(2 * kMissBatch);
-  RegistrationCache::Options o;
-  o.memory_monitor = MemoryMonitorMode::kNone;
-  auto c = RegistrationCache::Create(&null_registrar, o);
-  if (!c.ok()) std::abort();
-  auto& cache = *c;
+  PinRegistrar pin_registrar;
+  auto cache = MakeSanreg(pin ? static_cast<Registrar*>(&pin_registrar) : &null_registrar);
   size_t n = 0;
   for (auto _ : state) {
     auto r = cache->Acquire(arena + 2 * n * kPage, 64, kAccessLocalRead);
@@ -164,12 +346,15 @@ void BM_MissSanreg(benchmark::State& state) {
       state.ResumeTiming();
     }
   }
+  cache.reset();
+  munmap(arena, 2 * kMissBatch * kPage);
   state.SetItemsProcessed(state.iterations());
 }
 
-void BM_MissUcx(benchmark::State& state) {
+void MissUcx(benchmark::State& state, bool pin) {
   char* arena = Arena(2 * kMissBatch);
-  ucs_rcache_t* rc = MakeUcx();
+  PinRegistrar pin_registrar;
+  ucs_rcache_t* rc = MakeUcx(pin ? &pin_registrar : nullptr);
   std::vector<ucs_rcache_region_t*> held;
   held.reserve(kMissBatch);
   size_t n = 0;
@@ -179,13 +364,14 @@ void BM_MissUcx(benchmark::State& state) {
       std::abort();
     }
     ucs_rcache_region_put(rc, r);  // released at once, as sanreg's RegionRef is
-    held.push_back(r);               // still in UCX's page table: the pointer stays valid
+    held.push_back(r);             // still in UCX's page table: the pointer stays valid
     if (++n == kMissBatch) {
       state.PauseTiming();
       // Drop them: hold, invalidate, release.
       for (ucs_rcache_region_t* h : held) {
         ucs_rcache_region_hold(rc, h);
-        ucs_rcache_region_invalidate(rc, h, [](void*) {}, nullptr);
+        ucs_rcache_region_invalidate(
+            rc, h, [](void*) {}, nullptr);
         ucs_rcache_region_put(rc, h);
       }
       held.clear();
@@ -194,13 +380,251 @@ void BM_MissUcx(benchmark::State& state) {
     }
   }
   ucs_rcache_destroy(rc);
+  munmap(arena, 2 * kMissBatch * kPage);
   state.SetItemsProcessed(state.iterations());
 }
 
+void BM_MissSanreg(benchmark::State& state) { MissSanreg(state, false); }
+void BM_MissUcx(benchmark::State& state) { MissUcx(state, false); }
+void BM_MissMlockSanreg(benchmark::State& state) { MissSanreg(state, true); }
+void BM_MissMlockUcx(benchmark::State& state) { MissUcx(state, true); }
 BENCHMARK(BM_MissSanreg);
 BENCHMARK(BM_MissUcx);
+BENCHMARK(BM_MissMlockSanreg);
+BENCHMARK(BM_MissMlockUcx);
+
+// ---- invalidation: a range covering `regions` cached regions is unmapped ----
+// Timed: from the notification until no lookup returns them (`dereg` false), or until every one
+// is deregistered (`dereg` true). The regions are cached again, untimed, before each iteration.
+using Clock = std::chrono::steady_clock;
+
+void InvalidateSanreg(benchmark::State& state, bool dereg) {
+  const int regions = static_cast<int>(state.range(0));
+  char* arena = Arena(2 * regions);
+  auto cache = MakeSanreg(&null_registrar);
+  for (auto _ : state) {
+    for (int i = 0; i < regions; ++i) {
+      if (!cache->Acquire(arena + 2 * i * kPage, kPage, kAccessLocalRead).ok()) std::abort();
+    }
+    const auto t0 = Clock::now();
+    auto k = cache->Invalidate(arena, 2 * regions * kPage);
+    if (dereg) cache->Flush();
+    const auto t1 = Clock::now();
+    if (!k.ok() || *k != static_cast<size_t>(regions)) std::abort();
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+    cache->Flush();
+  }
+  cache.reset();
+  munmap(arena, 2 * regions * kPage);
+}
+
+void InvalidateUcx(benchmark::State& state, bool dereg) {
+  const int regions = static_cast<int>(state.range(0));
+  char* arena = Arena(2 * regions + 2);
+  char* outside = arena + 2 * regions * kPage;  // never cached: a lookup there misses
+  ucs_rcache_t* rc = MakeUcx(nullptr, true);
+  for (auto _ : state) {
+    for (int i = 0; i < regions; ++i) {
+      ucs_rcache_region_t* r;
+      if (ucs_rcache_get(rc, arena + 2 * i * kPage, kPage, PROT_READ, nullptr, &r) != UCS_OK) {
+        std::abort();
+      }
+      ucs_rcache_region_put(rc, r);
+    }
+    const uint64_t deregs = ucx_deregs.load();
+    ucs_rcache_region_t* miss = nullptr;
+    const auto t0 = Clock::now();
+    ucm_vm_munmap(arena, 2 * regions * kPage);
+    if (dereg) {
+      // The next miss deregisters what the event put on the garbage list.
+      if (ucs_rcache_get(rc, outside, kPage, PROT_READ, nullptr, &miss) != UCS_OK) std::abort();
+    }
+    const auto t1 = Clock::now();
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+    // Checked, untimed: a lookup in the range is a miss (registers anew) and not the old region;
+    // every region of the range was deregistered (by the timed miss, or by this one).
+    const uint64_t regs = ucx_regs.load();
+    ucs_rcache_region_t* again;
+    if (ucs_rcache_get(rc, arena, kPage, PROT_READ, nullptr, &again) != UCS_OK) std::abort();
+    ucs_rcache_region_put(rc, again);
+    if (ucx_regs.load() != regs + 1) {
+      std::fprintf(stderr, "UCX returned an unmapped region after ucm_vm_munmap\n");
+      std::abort();
+    }
+    if (miss == nullptr &&
+        ucs_rcache_get(rc, outside, kPage, PROT_READ, nullptr, &miss) != UCS_OK) {
+      std::abort();
+    }
+    if (ucx_deregs.load() - deregs != static_cast<uint64_t>(regions)) {
+      std::fprintf(stderr, "UCX deregistered %llu of %d regions\n",
+                   static_cast<unsigned long long>(ucx_deregs.load() - deregs), regions);
+      std::abort();
+    }
+    ucs_rcache_region_put(rc, miss);
+    ucm_vm_munmap(outside, kPage);  // dropped; the next miss deregisters it
+  }
+  ucs_rcache_destroy(rc);
+  munmap(arena, (2 * regions + 2) * kPage);
+}
+
+void BM_InvalidateSanreg(benchmark::State& state) { InvalidateSanreg(state, false); }
+void BM_InvalidateUcx(benchmark::State& state) { InvalidateUcx(state, false); }
+void BM_InvalidateDeregSanreg(benchmark::State& state) { InvalidateSanreg(state, true); }
+void BM_InvalidateDeregUcx(benchmark::State& state) { InvalidateUcx(state, true); }
+BENCHMARK(BM_InvalidateSanreg)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_InvalidateUcx)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_InvalidateDeregSanreg)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_InvalidateDeregUcx)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// Collects every run, then prints the pairs as a markdown table of ratios against the targets.
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& r : runs) {
+      // With --benchmark_repetitions, the median (reported after the repetitions) wins.
+      if (r.error_occurred) continue;
+      if (r.run_type == Run::RT_Aggregate && r.aggregate_name != "median") continue;
+      Result& x = results_[r.run_name.str()];
+      x.ns = r.GetAdjustedRealTime() * 1e9 / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      for (const auto& [k, c] : r.counters) x.counters[k] = c.value;
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+
+  std::string Markdown() const {
+    std::string out =
+        "| workload | sanreg | UCX | sanreg / UCX | target |\n|---|---:|---:|---:|---|\n";
+    for (const char* regions : {"100", "10000", "1000000"}) {
+      for (const char* threads : {"1", "2"}) {
+        const std::string suffix = std::string("/") + regions + "/real_time/threads:" + threads;
+        Row(&out,
+            std::string("hit, ") + Count(regions) + " regions, " + threads +
+                (threads[0] == '1' ? " thread" : " threads (time per hit, all threads)"),
+            "BM_HitSanreg" + suffix, "BM_HitUcx" + suffix, "ns", "<= 0.5");
+      }
+      const std::string one = std::string("/") + regions + "/real_time/threads:1";
+      const std::string two = std::string("/") + regions + "/real_time/threads:2";
+      const double s = Scaling("BM_HitSanreg" + one, "BM_HitSanreg" + two);
+      const double u = Scaling("BM_HitUcx" + one, "BM_HitUcx" + two);
+      char line[256];
+      std::snprintf(line, sizeof line,
+                    "| hits/s of 2 threads / 1 thread, %s regions | %s | %s | | sanreg >= 1.8 |\n",
+                    Count(regions).c_str(), Fmt(s, "x").c_str(), Fmt(u, "x").c_str());
+      out += line;
+      const double fs = Counter("BM_HitSanreg" + one, "first_pass_ns");
+      const double fu = Counter("BM_HitUcx" + one, "first_pass_ns");
+      std::snprintf(line, sizeof line,
+                    "| first pass of hits right after populating %s regions | %s | %s | %s | |\n",
+                    Count(regions).c_str(), Fmt(fs, "ns").c_str(), Fmt(fu, "ns").c_str(),
+                    fs > 0 && fu > 0 ? Fmt(fs / fu, "x").c_str() : "-");
+      out += line;
+    }
+    Row(&out, "miss, zero-cost registrar (the cache's own overhead)", "BM_MissSanreg", "BM_MissUcx",
+        "ns", "<= 0.5");
+    Row(&out, "miss, mlock registrar (PinRegistrar on both)", "BM_MissMlockSanreg",
+        "BM_MissMlockUcx", "ns", "");
+    Row(&out, "unmap of 4,096 cached regions: until no lookup returns them",
+        "BM_InvalidateSanreg/4096/manual_time", "BM_InvalidateUcx/4096/manual_time", "us", "");
+    Row(&out, "unmap of 4,096 cached regions: until all are deregistered",
+        "BM_InvalidateDeregSanreg/4096/manual_time", "BM_InvalidateDeregUcx/4096/manual_time", "us",
+        "");
+    MemoryRow(&out, "rss_per_region", "memory per cached region (resident), 100,000 regions");
+    MemoryRow(&out, "heap_per_region", "memory per cached region (malloc'd), 100,000 regions");
+    return out;
+  }
+
+ private:
+  struct Result {
+    double ns = 0;
+    std::map<std::string, double> counters;
+  };
+
+  // "1000000" -> "1,000,000".
+  static std::string Count(const char* n) {
+    const size_t len = std::strlen(n);
+    std::string s;
+    for (size_t i = 0; i < len; ++i) {
+      if (i > 0 && (len - i) % 3 == 0) s.push_back(',');
+      s.push_back(n[i]);
+    }
+    return s;
+  }
+  static std::string Fmt(double v, const char* unit) {
+    if (v <= 0) return "-";
+    char s[64];
+    if (std::string(unit) == "x") {
+      std::snprintf(s, sizeof s, "%.2fx", v);
+    } else if (std::string(unit) == "us") {
+      std::snprintf(s, sizeof s, "%.1f us", v / 1000);
+    } else if (std::string(unit) == "B") {
+      std::snprintf(s, sizeof s, "%.0f B", v);
+    } else {
+      std::snprintf(s, sizeof s, v < 100 ? "%.1f ns" : "%.0f ns", v);
+    }
+    return s;
+  }
+  double Ns(const std::string& name) const {
+    auto it = results_.find(name);
+    return it == results_.end() ? 0 : it->second.ns;
+  }
+  double Scaling(const std::string& one, const std::string& two) const {
+    return Ns(one) > 0 && Ns(two) > 0 ? Ns(one) / Ns(two) : 0;
+  }
+  void Row(std::string* out, const std::string& what, const std::string& sanreg,
+           const std::string& ucx, const char* unit, const char* target) const {
+    const double a = Ns(sanreg), b = Ns(ucx);
+    char line[512];
+    std::snprintf(line, sizeof line, "| %s | %s | %s | %s | %s |\n", what.c_str(),
+                  Fmt(a, unit).c_str(), Fmt(b, unit).c_str(),
+                  a > 0 && b > 0 ? Fmt(a / b, "x").c_str() : "-", target);
+    *out += line;
+  }
+  double Counter(const std::string& name, const char* counter) const {
+    auto it = results_.find(name);
+    if (it == results_.end()) return 0;
+    auto c = it->second.counters.find(counter);
+    return c == it->second.counters.end() ? 0 : c->second;
+  }
+  void MemoryRow(std::string* out, const char* counter, const char* what) const {
+    const double a = Counter("BM_MemorySanreg/iterations:1", counter);
+    const double b = Counter("BM_MemoryUcx/iterations:1", counter);
+    char line[512];
+    std::snprintf(line, sizeof line, "| %s | %s | %s | %s | |\n", what, Fmt(a, "B").c_str(),
+                  Fmt(b, "B").c_str(), a > 0 && b > 0 ? Fmt(a / b, "x").c_str() : "-");
+    *out += line;
+  }
+
+  std::map<std::string, Result> results_;
+};
 
 }  // namespace
 }  // namespace sanreg
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  // --ratios_md=FILE: also write the markdown table there (the flag is ours, not the library's).
+  std::string ratios_md;
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--ratios_md=", 0) == 0) {
+      ratios_md = a.substr(12);
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  sanreg::RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  const std::string md = reporter.Markdown();
+  std::printf("\nsanreg / UCX (time ratios; memory as bytes per region)\n\n%s", md.c_str());
+  if (!ratios_md.empty()) {
+    FILE* f = std::fopen(ratios_md.c_str(), "w");
+    if (f == nullptr || std::fputs(md.c_str(), f) < 0 || std::fclose(f) != 0) {
+      std::fprintf(stderr, "ucx_comparison_benchmark: cannot write %s\n", ratios_md.c_str());
+      return 1;
+    }
+  }
+  return 0;
+}
