@@ -1,11 +1,22 @@
 // datapath_benchmark.cc: sanreg Write/Read against a minimal raw fi_write/fi_read loop on the same
-// provider, sizes and depth, in one run; prints sanreg / raw throughput ratios at the end.
+// provider, sizes and depth, in one run; prints sanreg / raw throughput ratios at the end, as
+// markdown tables (also written to --ratios_md=FILE when given).
 //
-// Raw: one domain, two RDM endpoints, one thread posting `depth` operations and polling both
-// completion queues (the target's manual progress included). sanreg: two fabrics connected over
-// loopback, each with its progress thread; the caller posts and waits on Completions.
+// Each benchmark is NAME/provider/op/size/depth: `depth` operations of `size` bytes are posted,
+// then all are waited for (one iteration). Sizes 64 B to 16 MiB, depth 1 (latency) and 32.
+//   raw          one domain, two RDM endpoints; the caller's thread posts and reaps its own
+//                completion queue, a second thread progresses the target (polls its queue without
+//                pause), as a target in another process must be. The baseline of the ratios.
+//   raw1thread   the same, but the caller's thread also drives the target's queue: not a
+//                deployable topology (the target is in the caller's thread), kept for reference.
+//   sanreg       two Fabrics connected over loopback, each with its progress thread; the caller
+//                posts and blocks in Completion::Wait.
+//   sanreg-poll  the same, but the caller drives its endpoint with Endpoint::Poll while it waits.
 // Raw writes ask for delivery completion too, as sanreg's do (see endpoint.h).
+//
+// Run: bazel run -c opt //datapath:datapath_benchmark -- --benchmark_min_time=0.05
 
+#include <benchmark/benchmark.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
@@ -13,8 +24,7 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 
-#include <benchmark/benchmark.h>
-
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -33,8 +43,9 @@
 namespace sanreg {
 namespace {
 
-constexpr int kDepth = 16;
-constexpr size_t kMaxSize = 1 << 20;
+constexpr size_t kMaxSize = size_t{16} << 20;
+constexpr int64_t kSizes[] = {64, 4096, 65536, 1 << 20, 16 << 20};
+constexpr int64_t kDepths[] = {1, 32};
 
 struct Raw {
   fi_info* info = nullptr;
@@ -138,6 +149,22 @@ struct Raw {
   }
 };
 
+// Posts `depth` operations and waits for all of them, reaping the initiator's queue whenever the
+// provider pushes back (shm in libfabric 1.17 answers -FI_EAGAIN until the initiator's own queue
+// is read). `drive_target`: reap the target's queue too, on this thread (raw1thread).
+void RawIteration(Raw& raw, bool write, size_t size, int depth, bool drive_target) {
+  int posted = 0;
+  int done = 0;
+  while (done < depth) {
+    if (posted < depth && raw.TryPost(write, size)) {
+      ++posted;
+      continue;
+    }
+    done += drive_target ? raw.Reap() : raw.ReapInitiator();
+  }
+}
+
+// Both sides driven by the caller's thread (raw1thread): for reference only.
 void BM_Raw(benchmark::State& state, const char* prov, bool write) {
   Raw raw(prov);
   if (!raw.ok) {
@@ -145,26 +172,14 @@ void BM_Raw(benchmark::State& state, const char* prov, bool write) {
     return;
   }
   const size_t size = static_cast<size_t>(state.range(0));
-  for (auto _ : state) {
-    // Post `kDepth`, reaping both queues whenever the provider pushes back: shm in libfabric 1.17
-    // answers -FI_EAGAIN until the initiator's own queue is read, and a loop that only drove the
-    // target never finished (the "shm benchmark crash").
-    int posted = 0;
-    int done = 0;
-    while (done < kDepth) {
-      if (posted < kDepth && raw.TryPost(write, size)) {
-        ++posted;
-        continue;
-      }
-      done += raw.Reap();
-    }
-  }
-  state.SetBytesProcessed(state.iterations() * kDepth * static_cast<int64_t>(size));
+  const int depth = static_cast<int>(state.range(1));
+  for (auto _ : state) RawIteration(raw, write, size, depth, true);
+  state.SetBytesProcessed(state.iterations() * depth * static_cast<int64_t>(size));
 }
 
-// The same loop with the target progressed by a thread of its own that polls its completion
-// queue without pause, as a target in another process must be: the initiator's thread no longer
-// drives the target's side of the protocol. This is the raw loop sanreg is compared with.
+// The target progressed by a thread of its own that polls its completion queue without pause, as
+// a target in another process must be: the initiator's thread no longer drives the target's side
+// of the protocol. This is the raw loop sanreg is compared with.
 void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
   Raw raw(prov);
   if (!raw.ok) {
@@ -177,26 +192,15 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
     while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.cq[1], e, 16);
   });
   const size_t size = static_cast<size_t>(state.range(0));
-  for (auto _ : state) {
-    int posted = 0;
-    int done = 0;
-    while (done < kDepth) {
-      if (posted < kDepth && raw.TryPost(write, size)) {
-        ++posted;
-        continue;
-      }
-      done += raw.ReapInitiator();
-    }
-  }
+  const int depth = static_cast<int>(state.range(1));
+  for (auto _ : state) RawIteration(raw, write, size, depth, false);
   stop.store(true);
   target.join();
-  state.SetBytesProcessed(state.iterations() * kDepth * static_cast<int64_t>(size));
+  state.SetBytesProcessed(state.iterations() * depth * static_cast<int64_t>(size));
 }
 
-// `drive`: the caller reaps completions itself (Endpoint::Poll) while it waits, instead of
-// blocking in Completion::Wait until the progress thread hands them over. Not registered: on a
-// 2-core machine it starved both progress threads (shm 4 KiB: 2 MB/s against 130 MB/s blocking),
-// so the caller's wait is not where sanreg loses to raw here; the target's progress is.
+// `drive`: the caller reaps completions itself (Endpoint::Poll) while it waits (sanreg-poll),
+// instead of blocking in Completion::Wait until the progress thread hands them over (sanreg).
 void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive) {
   FabricOptions o;
   o.provider = prov;
@@ -218,10 +222,12 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
   auto region = pair->target->Expose((*dst)->reg(), (*dst)->data(), kMaxSize,
                                      kAccessRemoteRead | kAccessRemoteWrite);
   const size_t size = static_cast<size_t>(state.range(0));
+  const int depth = static_cast<int>(state.range(1));
   Sge s = (*src)->sge(0, size);
-  Completion cs[kDepth];
+  std::unique_ptr<Completion[]> cs(new Completion[depth]);
   for (auto _ : state) {
-    for (auto& c : cs) {
+    for (int i = 0; i < depth; ++i) {
+      Completion& c = cs[i];
       c.Reset();
       absl::Status st = write ? pair->initiator->Write({&s, 1}, *region, 0, &c)
                               : pair->initiator->Read({&s, 1}, *region, 0, &c);
@@ -230,7 +236,8 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
         abort();
       }
     }
-    for (auto& c : cs) {
+    for (int i = 0; i < depth; ++i) {
+      Completion& c = cs[i];
       if (drive) {
         while (!c.Done()) pair->initiator->Poll();
       }
@@ -241,33 +248,114 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
       }
     }
   }
-  state.SetBytesProcessed(state.iterations() * kDepth * static_cast<int64_t>(size));
+  state.SetBytesProcessed(state.iterations() * depth * static_cast<int64_t>(size));
 }
 
-// Collects bytes/s per benchmark to print the ratios.
+// Collects bytes/s per benchmark, then prints the comparison as markdown tables: throughput and
+// ratios against raw for every provider, operation, size and depth; and, at depth 1, the time per
+// operation (the latency of one operation, posting to completion).
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& r : runs) {
+      // With --benchmark_repetitions, the median (reported after the repetitions) wins.
+      if (r.error_occurred) continue;
+      if (r.run_type == Run::RT_Aggregate && r.aggregate_name != "median") continue;
       auto it = r.counters.find("bytes_per_second");
-      if (it != r.counters.end()) rates_[r.benchmark_name()] = it->second;
+      if (it == r.counters.end()) continue;
+      // "sanreg/tcp/write/4096/32/real_time" -> mode "sanreg", key "tcp/write/4096/32".
+      std::string name = r.run_name.str();
+      const size_t slash = name.find('/');
+      const size_t suffix = name.rfind("/real_time");
+      if (slash == std::string::npos) continue;
+      std::string key = name.substr(
+          slash + 1, suffix == std::string::npos ? std::string::npos : suffix - slash - 1);
+      rates_[key][name.substr(0, slash)] = it->second;
+      if (std::find(keys_.begin(), keys_.end(), key) == keys_.end()) keys_.push_back(key);
     }
     ConsoleReporter::ReportRuns(runs);
   }
-  void PrintRatios() {
-    std::printf("\nsanreg / raw throughput (depth %d):\n", kDepth);
-    for (const auto& [name, rate] : rates_) {
-      if (name.rfind("sanreg", 0) != 0) continue;
-      const size_t slash = name.find('/');
-      auto raw = rates_.find("raw" + name.substr(slash));
-      if (raw == rates_.end() || raw->second == 0) continue;
-      std::printf("  %-40s %6.1f%%  (%.0f vs %.0f MB/s)\n", name.c_str(),
-                  100.0 * rate / raw->second, rate / 1e6, raw->second / 1e6);
+
+  std::string Markdown() const {
+    std::string out =
+        "| provider | op | size | depth | raw MB/s | raw1thread MB/s (ref.) | sanreg MB/s | "
+        "sanreg / raw | sanreg-poll MB/s | sanreg-poll / raw |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (const std::string& key : keys_) {
+      const auto& m = rates_.at(key);
+      const double raw = Get(m, "raw");
+      char line[512];
+      std::snprintf(
+          line, sizeof line, "| %s | %s | %s | %s | %s | %s |\n", Cells(key).c_str(),
+          Mb(raw).c_str(), Mb(Get(m, "raw1thread")).c_str(), Mb(Get(m, "sanreg")).c_str(),
+          Ratio(Get(m, "sanreg"), raw).c_str(),
+          (Mb(Get(m, "sanreg-poll")) + " | " + Ratio(Get(m, "sanreg-poll"), raw)).c_str());
+      out += line;
     }
+    out +=
+        "\nDepth 1: time per operation (us), posting to completion\n\n"
+        "| provider | op | size | depth | raw | raw1thread (ref.) | sanreg | sanreg-poll |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|\n";
+    for (const std::string& key : keys_) {
+      if (key.size() < 2 || key.substr(key.size() - 2) != "/1") continue;
+      const auto& m = rates_.at(key);
+      const double size = std::stod(Field(key, 2));
+      char line[512];
+      std::snprintf(line, sizeof line, "| %s | %s | %s | %s | %s |\n", Cells(key).c_str(),
+                    Us(size, Get(m, "raw")).c_str(), Us(size, Get(m, "raw1thread")).c_str(),
+                    Us(size, Get(m, "sanreg")).c_str(), Us(size, Get(m, "sanreg-poll")).c_str());
+      out += line;
+    }
+    return out;
   }
 
  private:
-  std::map<std::string, double> rates_;
+  static double Get(const std::map<std::string, double>& m, const char* mode) {
+    auto it = m.find(mode);
+    return it == m.end() ? 0 : it->second;
+  }
+  static std::string Field(const std::string& key, int i) {
+    size_t b = 0;
+    for (int k = 0; k < i; ++k) b = key.find('/', b) + 1;
+    return key.substr(b, key.find('/', b) - b);
+  }
+  static std::string Size(const std::string& bytes) {
+    const long long n = std::stoll(bytes);
+    char s[32];
+    if (n >= (1 << 20) && n % (1 << 20) == 0) {
+      std::snprintf(s, sizeof s, "%lld MiB", n >> 20);
+    } else if (n >= 1024 && n % 1024 == 0) {
+      std::snprintf(s, sizeof s, "%lld KiB", n >> 10);
+    } else {
+      std::snprintf(s, sizeof s, "%lld B", n);
+    }
+    return s;
+  }
+  static std::string Cells(const std::string& key) {
+    return Field(key, 0) + " | " + Field(key, 1) + " | " + Size(Field(key, 2)) + " | " +
+           Field(key, 3);
+  }
+  static std::string Mb(double rate) {
+    if (rate == 0) return "-";
+    char s[32];
+    std::snprintf(s, sizeof s, rate >= 100e6 ? "%.0f" : "%.2f", rate / 1e6);
+    return s;
+  }
+  static std::string Ratio(double a, double b) {
+    if (a == 0 || b == 0) return "-";
+    char s[32];
+    std::snprintf(s, sizeof s, "%.2f", a / b);
+    return s;
+  }
+  static std::string Us(double size, double rate) {
+    if (rate == 0) return "-";
+    char s[32];
+    std::snprintf(s, sizeof s, "%.1f", 1e6 * size / rate);
+    return s;
+  }
+
+  std::map<std::string, std::map<std::string, double>> rates_;
+  std::vector<std::string> keys_;  // in the order they ran
 };
 
 }  // namespace
@@ -275,32 +363,53 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
 int main(int argc, char** argv) {
   using namespace sanreg;
+  // --ratios_md=FILE: also write the markdown tables there (the flag is ours, not the library's).
+  std::string ratios_md;
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--ratios_md=", 0) == 0) {
+      ratios_md = a.substr(12);
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
   for (const char* prov : {"tcp", "shm"}) {
     for (bool write : {true, false}) {
-      std::string op = write ? "write" : "read";
-      for (int64_t size : {4096, 65536, 1 << 20}) {
-        benchmark::RegisterBenchmark(("raw/" + std::string(prov) + "/" + op).c_str(),
-                                     BM_RawTwoThreads, prov, write)
-            ->Arg(size)
-            ->UseRealTime();
-        benchmark::RegisterBenchmark(("raw1thread/" + std::string(prov) + "/" + op).c_str(),
-                                     BM_Raw, prov, write)
-            ->Arg(size)
-            ->UseRealTime();
-        benchmark::RegisterBenchmark(("sanreg/" + std::string(prov) + "/" + op).c_str(),
-                                     BM_Sanreg, prov, write, false)
-            ->Arg(size)
-            ->UseRealTime();
-        benchmark::RegisterBenchmark(("sanreg-poll/" + std::string(prov) + "/" + op).c_str(),
-                                     BM_Sanreg, prov, write, true)
-            ->Arg(size)
-            ->UseRealTime();
+      const std::string suffix = std::string("/") + prov + (write ? "/write" : "/read");
+      for (int64_t depth : kDepths) {
+        for (int64_t size : kSizes) {
+          benchmark::RegisterBenchmark(("raw" + suffix).c_str(), BM_RawTwoThreads, prov, write)
+              ->Args({size, depth})
+              ->UseRealTime();
+          benchmark::RegisterBenchmark(("raw1thread" + suffix).c_str(), BM_Raw, prov, write)
+              ->Args({size, depth})
+              ->UseRealTime();
+          benchmark::RegisterBenchmark(("sanreg" + suffix).c_str(), BM_Sanreg, prov, write, false)
+              ->Args({size, depth})
+              ->UseRealTime();
+          benchmark::RegisterBenchmark(("sanreg-poll" + suffix).c_str(), BM_Sanreg, prov, write,
+                                       true)
+              ->Args({size, depth})
+              ->UseRealTime();
+        }
       }
     }
   }
   benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-  reporter.PrintRatios();
+  const std::string md = reporter.Markdown();
+  std::printf("\nsanreg / raw throughput (raw: the target progressed by its own thread)\n\n%s",
+              md.c_str());
+  if (!ratios_md.empty()) {
+    FILE* f = std::fopen(ratios_md.c_str(), "w");
+    if (f == nullptr || std::fputs(md.c_str(), f) < 0 || std::fclose(f) != 0) {
+      std::fprintf(stderr, "datapath_benchmark: cannot write %s\n", ratios_md.c_str());
+      return 1;
+    }
+  }
   return 0;
 }
