@@ -16,6 +16,7 @@ packages=(
   libgmock-dev
   libbenchmark-dev
   libucx-dev
+  ucx-utils
   iproute2
   procps
   gnuplot-nox
