@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# perf_report.sh: one command for every table of docs/PERFORMANCE.md.
+#
+# Builds the benchmarks with -c opt, then runs, in this order:
+#   1. //regcache:ucx_comparison_benchmark  sanreg's cache against UCX's ucs_rcache, one process;
+#   2. //datapath:datapath_benchmark        sanreg Write/Read against raw fi_write/fi_read (tcp, shm);
+#   3. ucx_perftest                         UCT put/get bandwidth on the same transport kinds, in
+#                                           loopback (-l): the reference row;
+#   4. //tools:sanreg_bench                 the buffer-reuse workload, cache against prereg (shm, tcp),
+#                                           with its plot (gnuplot);
+# and writes the machine, the load, the command and the tables (markdown) to OUT_DIR/report.md, which
+# it also prints. The raw outputs stay beside it (*.log, *.json) and the plot is OUT_DIR/reuse_shm.png.
+#
+# Usage: bash tools/perf_report.sh [OUT_DIR]            (OUT_DIR defaults to perf-report)
+# Environment:
+#   BAZEL_STARTUP     startup options for bazel, e.g. --output_base=/root/.cache/bazel-perf
+#   CACHE_MIN_TIME    --benchmark_min_time of the cache comparison (default 0.2 s)
+#   DATAPATH_MIN_TIME --benchmark_min_time of the data path benchmark (default 0.05 s)
+#   REPS              repetitions of each Google Benchmark (the median is reported; default 1)
+#   REUSE_DURATION    sanreg_bench --duration per run (default 1 s; 3 runs per size and mode)
+#   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
+#                     below this before starting, e.g. 1.5; unset: start at once
+# Takes about 6 minutes on 2 vCPUs. Needs tools/setup.sh's packages (ucx-utils, gnuplot-nox).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${1:-perf-report}
+CACHE_MIN_TIME=${CACHE_MIN_TIME:-0.2}
+DATAPATH_MIN_TIME=${DATAPATH_MIN_TIME:-0.05}
+REPS=${REPS:-1}
+REUSE_DURATION=${REUSE_DURATION:-1}
+WAIT_MAX=${WAIT_MAX:-900}
+SIZES=(64 4096 65536 1048576 16777216)
+# shellcheck disable=SC2206
+BAZEL=(bazel ${BAZEL_STARTUP:-})
+
+for tool in ucx_perftest ucx_info gnuplot; do
+  command -v "$tool" >/dev/null || { echo "perf_report: $tool missing (bash tools/setup.sh)" >&2; exit 1; }
+done
+mkdir -p "$OUT"
+
+load1() { cut -d' ' -f1 /proc/loadavg; }
+if [ -n "${WAIT_LOAD:-}" ]; then
+  waited=0
+  while awk -v l="$(load1)" -v t="$WAIT_LOAD" 'BEGIN { exit !(l >= t) }'; do
+    if [ "$waited" -ge "$WAIT_MAX" ]; then
+      echo "perf_report: load still $(load1) after ${WAIT_MAX}s; running anyway" >&2
+      break
+    fi
+    echo "perf_report: load $(load1) >= $WAIT_LOAD; waiting" >&2
+    sleep 30
+    waited=$((waited + 30))
+  done
+fi
+
+echo "perf_report: building (-c opt)" >&2
+"${BAZEL[@]}" build -c opt //regcache:ucx_comparison_benchmark //datapath:datapath_benchmark \
+  //tools:sanreg_bench >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log" >&2; exit 1; }
+BIN=$("${BAZEL[@]}" info -c opt bazel-bin 2>/dev/null)
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+START=$(date +%s)
+GB_FLAGS=(--benchmark_repetitions="$REPS" --benchmark_color=false)
+if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); fi
+
+# ---- 1. the cache against UCX ----------------------------------------------------------------
+echo "perf_report: cache vs UCX" >&2
+"$BIN/regcache/ucx_comparison_benchmark" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
+  --ratios_md="$OUT/cache.md" >"$OUT/cache.log" 2>&1 || { tail -20 "$OUT/cache.log" >&2; exit 1; }
+
+# ---- 2. the data path against raw libfabric --------------------------------------------------
+echo "perf_report: data path vs raw libfabric" >&2
+"$BIN/datapath/datapath_benchmark" --benchmark_min_time="$DATAPATH_MIN_TIME" "${GB_FLAGS[@]}" \
+  --ratios_md="$OUT/datapath.md" >"$OUT/datapath.log" 2>&1 ||
+  { tail -20 "$OUT/datapath.log" >&2; exit 1; }
+
+# ---- 3. ucx_perftest, the reference row -------------------------------------------------------
+# One process talking to itself (-l), as both benchmarks above do. Prints the overall bandwidth
+# (MB/s) of the final line, or "-" when the transport refuses the test. PERF_ENV: variables for it.
+echo "perf_report: ucx_perftest" >&2
+perftest() {  # perftest SIZE ARGS...
+  local size=$1
+  shift
+  local n=$((64 * 1048576 / size))
+  [ "$n" -gt 20000 ] && n=20000
+  [ "$n" -lt 20 ] && n=20
+  local line
+  # shellcheck disable=SC2086
+  line=$(timeout 120 env ${PERF_ENV:-} ucx_perftest -l -f -s "$size" -n "$n" -w $((n / 10 + 2)) \
+    "$@" 2>>"$OUT/ucx_perftest.log" | tail -1) || true
+  echo "${PERF_ENV:-} $* -s $size: $line" >>"$OUT/ucx_perftest.log"
+  awk 'NF >= 8 && $1 ~ /^[0-9]+$/ { printf "%.0f", $6; found = 1 } END { if (!found) printf "-" }' \
+    <<<"$line"
+}
+row() {  # row LABEL TEST ARGS...
+  local label=$1 test=$2
+  shift 2
+  printf '| %s | %s |' "$label" "$test"
+  for s in "${SIZES[@]}"; do printf ' %s |' "$(perftest "$s" -t "$test" "$@")"; done
+  printf '\n'
+}
+: >"$OUT/ucx_perftest.log"
+{
+  printf '| transport | test |'
+  for s in "${SIZES[@]}"; do printf ' %s B |' "$s"; done
+  printf '\n|---|---|'
+  for _ in "${SIZES[@]}"; do printf -- '---:|'; done
+  printf '\n'
+  row "tcp (lo), UCT zcopy" put_bw -x tcp -d lo -D zcopy
+  # UCT's tcp transport has no get: UCP's get over tcp stands in (UCP picks the transport from
+  # UCX_TLS).
+  PERF_ENV=UCX_TLS=tcp row "tcp (lo), UCP over tcp (UCT tcp has no get)" ucp_get
+  row "posix shared memory, UCT bcopy" put_bw -x posix -d memory -D bcopy
+  row "posix shared memory, UCT bcopy" get -x posix -d memory -D bcopy
+  row "cma (process_vm_writev/readv), UCT zcopy" put_bw -x cma -d memory -D zcopy
+  row "cma (process_vm_writev/readv), UCT zcopy" get -x cma -d memory -D zcopy
+} >"$OUT/ucx_perftest.md"
+
+# ---- 4. sanreg_bench: buffer reuse, cache against prereg ---------------------------------------
+echo "perf_report: sanreg_bench buffer reuse" >&2
+SIZE_LIST=$(IFS=,; echo "${SIZES[*]}")
+for fabric in shm tcp; do
+  plot=()
+  [ "$fabric" = shm ] && plot=(--plot="$OUT/reuse_shm.png")
+  "$BIN/tools/sanreg_bench" --fabric="$fabric" --workload=reuse --mode=all --sizes="$SIZE_LIST" \
+    --duration="$REUSE_DURATION" --repeat=3 --progress=off --json="$OUT/reuse_$fabric.json" \
+    "${plot[@]}" >"$OUT/reuse_$fabric.log" 2>&1 || { tail -20 "$OUT/reuse_$fabric.log" >&2; exit 1; }
+done
+{
+  echo '| provider | size | nocache ops/s | cache ops/s | prereg ops/s | cache / prereg | cache / nocache | cache hit rate |'
+  echo '|---|---:|---:|---:|---:|---:|---:|---:|'
+  for fabric in shm tcp; do
+    awk -v fabric="$fabric" '
+      function field(name,   m) {
+        if (match($0, "\"" name "\": \"?[^,\"}]*")) {
+          m = substr($0, RSTART, RLENGTH); sub(/^"[^"]*": "?/, "", m); return m
+        }
+        return ""
+      }
+      /"workload": "reuse"/ {
+        s = field("size"); mode = field("mode")
+        ops[s, mode] = field("ops_per_s"); if (mode == "cache") hit[s] = field("hit_rate")
+        if (!(s in seen)) { seen[s] = 1; order[n++] = s }
+      }
+      END {
+        for (i = 0; i < n; i++) {
+          s = order[i]; c = ops[s, "cache"]; p = ops[s, "prereg"]; u = ops[s, "nocache"]
+          printf "| %s | %s | %.0f | %.0f | %.0f | %s | %s | %.1f%% |\n", fabric, s, u, c, p,
+                 (p > 0 ? sprintf("%.2f", c / p) : "-"), (u > 0 ? sprintf("%.2fx", c / u) : "-"),
+                 100 * hit[s]
+        }
+      }' "$OUT/reuse_$fabric.json"
+  done
+} >"$OUT/reuse.md"
+
+# ---- targets (issue 8's acceptance) ------------------------------------------------------------
+targets() {
+  # Cache: each row of cache.md that states a target.
+  awk -F'|' '
+    function trim(x) { gsub(/^ +| +$/, "", x); return x }
+    $6 ~ /<= 0.5/ {
+      r = $5; gsub(/[ x]/, "", r)
+      printf "| %s: sanreg / UCX time | %s | <= 0.5 | %s |\n", trim($2), r,
+             (r != "-" && r + 0 <= 0.5 ? "met" : "MISSED")
+    }
+    $6 ~ />= 1.8/ {
+      r = $3; gsub(/[ x]/, "", r)
+      printf "| %s, sanreg | %s | >= 1.8 | %s |\n", trim($2), r,
+             (r != "-" && r + 0 >= 1.8 ? "met" : "MISSED")
+    }
+  ' "$OUT/cache.md"
+  # Data path: per mode, how many rows reach 0.9 of raw, and the lowest.
+  for col in 9 11; do
+    awk -F'|' -v col="$col" '
+      /^$/ { exit }  # the first table only
+      NR > 2 && $2 ~ /tcp|shm/ {
+        name = (col == 9 ? "sanreg" : "sanreg-poll"); r = $col + 0; n++
+        if (r >= 0.9) ok++
+        if (min == "" || r < min) { min = r; at = $2 "/" $3 "/" $4 "/depth " $5 }
+      }
+      END {
+        gsub(/ /, "", at)
+        printf "| data path, %s / raw: rows at >= 0.9 | %d of %d (lowest %.2f, %s) | >= 0.9 | %s |\n",
+               name, ok, n, min, at, (ok == n ? "met" : "MISSED")
+      }' "$OUT/datapath.md"
+  done
+  awk -F'|' 'NR > 2 {
+      r = $7 + 0; n++; if (r >= 0.95) ok++
+      if (min == "" || r < min) { min = r; at = $2 "/" $3 }
+    }
+    END {
+      gsub(/ /, "", at)
+      printf "| buffer reuse, cache / prereg: rows at >= 0.95 | %d of %d (lowest %.2f, %s) | >= 0.95 | %s |\n",
+             ok, n, min, at, (ok == n ? "met" : "MISSED")
+    }' "$OUT/reuse.md"
+}
+
+# ---- the report ---------------------------------------------------------------------------------
+machine() {
+  local cpu virt
+  cpu=$(lscpu | awk -F: '/^Model name/ { gsub(/^ +/, "", $2); m = $2 }
+                         /^CPU family/ { gsub(/^ +/, "", $2); f = $2 }
+                         END { printf "%s (family %s)", m, f }')
+  virt=$(lscpu | awk -F: '/^Hypervisor vendor/ { gsub(/^ +/, "", $2); print $2 }')
+  [ -z "$virt" ] && virt=$(dmesg 2>/dev/null | grep -o -m1 'Hypervisor detected: .*' | cut -d' ' -f3)
+  [ -z "$virt" ] && grep -q -m1 '^flags.* hypervisor' /proc/cpuinfo && virt="unnamed hypervisor"
+  printf '%s, %s vCPUs%s, %s, kernel %s; libfabric %s, UCX %s' "$cpu" "$(nproc)" \
+    "${virt:+ (virtual machine: $virt)}" \
+    "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)" "$(uname -r)" \
+    "$(fi_info --version 2>/dev/null | awk '/libfabric:/ { print $2 }')" \
+    "$(ucx_info -v | awk '/Version/ { print $3 }')"
+}
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+ELAPSED=$(($(date +%s) - START))
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
+{
+  echo "# sanreg performance report"
+  echo
+  echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $COMMIT by"
+  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS REUSE_DURATION=$REUSE_DURATION), in ${ELAPSED} s."
+  echo
+  echo "Machine: $(machine)."
+  echo "Load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end."
+  echo
+  echo "## Targets"
+  echo
+  echo "| target | measured | wanted | |"
+  echo "|---|---|---|---|"
+  targets
+  echo
+  echo "## Registration cache: sanreg against UCX's ucs_rcache (one process)"
+  echo
+  cat "$OUT/cache.md"
+  echo
+  echo "## Data path: sanreg against raw libfabric (one process, two endpoints)"
+  echo
+  cat "$OUT/datapath.md"
+  echo
+  echo "## Reference: ucx_perftest, loopback (MB/s, by message size in bytes)"
+  echo
+  cat "$OUT/ucx_perftest.md"
+  echo
+  echo "## Buffer reuse (sanreg_bench --workload=reuse, two processes)"
+  echo
+  cat "$OUT/reuse.md"
+  echo
+  echo "Plot: reuse_shm.png (throughput against size, shm)."
+} >"$OUT/report.md"
+cat "$OUT/report.md"
