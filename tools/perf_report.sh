@@ -8,6 +8,7 @@
 #                                           loopback (-l): the reference row;
 #   4. //tools:sanreg_bench                 the buffer-reuse workload, cache against prereg (shm, tcp),
 #                                           with its plot (gnuplot);
+#   5. //regcache:cache_benchmark and //regcache:memory_events_benchmark, the cache's own figures;
 # and writes the machine, the load, the command and the tables (markdown) to OUT_DIR/report.md, which
 # it also prints. The raw outputs stay beside it (*.log, *.json) and the plot is OUT_DIR/reuse_shm.png.
 #
@@ -55,7 +56,7 @@ fi
 
 echo "perf_report: building (-c opt)" >&2
 "${BAZEL[@]}" build -c opt //regcache:ucx_comparison_benchmark //datapath:datapath_benchmark \
-  //tools:sanreg_bench >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log" >&2; exit 1; }
+  //tools:sanreg_bench //regcache:cache_benchmark //regcache:memory_events_benchmark >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log" >&2; exit 1; }
 BIN=$("${BAZEL[@]}" info -c opt bazel-bin 2>/dev/null)
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -153,6 +154,51 @@ done
   done
 } >"$OUT/reuse.md"
 
+# ---- 5. the cache's and the memory-event sources' own benchmarks --------------------------------
+# Google Benchmark's JSON (one key per line) -> a markdown table: name, real time per iteration,
+# items/s and the user counters; with repetitions, the medians only.
+json_to_md() {
+  awk '
+    function val(line) { sub(/^[^:]*: */, "", line); sub(/,$/, "", line); gsub(/"/, "", line); return line }
+    function key(line) { sub(/^ *"/, "", line); sub(/".*/, "", line); return line }
+    BEGIN {
+      print "| benchmark | time | items/s | counters |"
+      print "|---|---:|---:|---|"
+      split("family_index per_family_instance_index run_name run_type repetitions repetition_index " \
+            "threads iterations cpu_time aggregate_name aggregate_unit label error_occurred " \
+            "error_message bytes_per_second name real_time time_unit items_per_second", k, " ")
+      for (i in k) known[k[i]] = 1
+    }
+    /"benchmarks": \[/ { in_list = 1; next }
+    !in_list { next }
+    /^ *\{/ { name = ""; t = ""; u = ""; ips = ""; c = ""; type = ""; agg = ""; next }
+    /^ *"/ {
+      kk = key($0); v = val($0)
+      if (kk == "name") name = v
+      else if (kk == "real_time") t = v + 0
+      else if (kk == "time_unit") u = v
+      else if (kk == "items_per_second") ips = sprintf("%.3g", v)
+      else if (kk == "run_type") type = v
+      else if (kk == "aggregate_name") agg = v
+      else if (!(kk in known)) c = c sprintf("%s%s=%g", (c == "" ? "" : " "), kk, v)
+      next
+    }
+    /^ *\}/ {
+      if (name == "" || (type == "aggregate" && agg != "median")) next
+      if (u == "ns" && t >= 10000) { t /= 1000; u = "us" }
+      printf "| %s | %.4g %s | %s | %s |\n", name, t, u, ips, c
+      name = ""
+    }
+    /^ *\]/ { in_list = 0 }' "$1"
+}
+echo "perf_report: cache_benchmark, memory_events_benchmark" >&2
+for b in cache_benchmark memory_events_benchmark; do
+  "$BIN/regcache/$b" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
+    --benchmark_out="$OUT/$b.json" --benchmark_out_format=json >"$OUT/$b.log" 2>&1 ||
+    { tail -20 "$OUT/$b.log" >&2; exit 1; }
+  json_to_md "$OUT/$b.json" >"$OUT/$b.md"
+done
+
 # ---- targets (issue 8's acceptance) ------------------------------------------------------------
 targets() {
   # Cache: each row of cache.md that states a target.
@@ -247,5 +293,13 @@ git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
   cat "$OUT/reuse.md"
   echo
   echo "Plot: reuse_shm.png (throughput against size, shm)."
+  echo
+  echo "## The cache alone (//regcache:cache_benchmark, zero-cost registrar)"
+  echo
+  cat "$OUT/cache_benchmark.md"
+  echo
+  echo "## Memory-event sources (//regcache:memory_events_benchmark)"
+  echo
+  cat "$OUT/memory_events_benchmark.md"
 } >"$OUT/report.md"
 cat "$OUT/report.md"
