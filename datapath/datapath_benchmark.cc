@@ -4,9 +4,10 @@
 //
 // Each benchmark is NAME/provider/op/size/depth: `depth` operations of `size` bytes are posted,
 // then all are waited for (one iteration). Sizes 64 B to 16 MiB, depth 1 (latency) and 32.
-//   raw          one domain, two RDM endpoints; the caller's thread posts and reaps its own
-//                completion queue, a second thread progresses the target (polls its queue without
-//                pause), as a target in another process must be. The baseline of the ratios.
+//   raw          two RDM endpoints, each in its own fabric and domain (as sanreg's pair is); the
+//                caller's thread posts and reaps its own completion queue, a second thread
+//                progresses the target (polls its queue without pause), as a target in another
+//                process must be. The baseline of the ratios.
 //   raw1thread   the same, but the caller's thread also drives the target's queue: not a
 //                deployable topology (the target is in the caller's thread), kept for reference.
 //   sanreg       two Fabrics connected over loopback, each with its progress thread; the caller
@@ -47,20 +48,22 @@ constexpr size_t kMaxSize = size_t{16} << 20;
 constexpr int64_t kSizes[] = {64, 4096, 65536, 1 << 20, 16 << 20};
 constexpr int64_t kDepths[] = {1, 32};
 
-struct Raw {
+// One side of the raw loop: its own fabric, domain, endpoint, queue, address vector and buffer,
+// as a peer in another process has (two sides never share a domain, its locks or its progress).
+struct RawSide {
   fi_info* info = nullptr;
   fid_fabric* fabric = nullptr;
   fid_domain* domain = nullptr;
-  fid_ep* ep[2] = {};
-  fid_cq* cq[2] = {};
-  fid_av* av[2] = {};
-  fi_addr_t peer = 0;
-  fid_mr* src_mr = nullptr;
-  fid_mr* dst_mr = nullptr;
-  std::vector<char> src, dst;
-  bool ok = false;
+  fid_ep* ep = nullptr;
+  fid_cq* cq = nullptr;
+  fid_av* av = nullptr;
+  fid_mr* mr = nullptr;
+  std::vector<char> buf;
+  char name[256] = {};
 
-  explicit Raw(const char* prov) : src(kMaxSize), dst(kMaxSize) {
+  // Returns false when the provider or a call refuses.
+  bool Open(const char* prov, uint64_t access, uint64_t key) {
+    buf.resize(kMaxSize);
     fi_info* h = fi_allocinfo();
     h->caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
     h->ep_attr->type = FI_EP_RDM;
@@ -69,59 +72,65 @@ struct Raw {
     h->domain_attr->threading = FI_THREAD_SAFE;
     int rc = fi_getinfo(FI_VERSION(1, 17), nullptr, nullptr, 0, h, &info);
     fi_freeinfo(h);
-    if (rc || fi_fabric(info->fabric_attr, &fabric, nullptr) ||
-        fi_domain(fabric, info, &domain, nullptr)) {
-      return;
-    }
-    char names[2][256];
-    for (int i = 0; i < 2; ++i) {
-      fi_cq_attr ca = {};
-      ca.format = FI_CQ_FORMAT_CONTEXT;
-      ca.size = 256;
-      fi_av_attr aa = {};
-      aa.type = FI_AV_TABLE;
-      size_t len = sizeof names[i];
-      if (fi_cq_open(domain, &ca, &cq[i], nullptr) || fi_av_open(domain, &aa, &av[i], nullptr) ||
-          fi_endpoint(domain, info, &ep[i], nullptr) ||
-          fi_ep_bind(ep[i], &cq[i]->fid, FI_TRANSMIT | FI_RECV) ||
-          fi_ep_bind(ep[i], &av[i]->fid, 0) || fi_enable(ep[i]) ||
-          fi_getname(&ep[i]->fid, names[i], &len)) {
-        return;
-      }
-    }
-    fi_addr_t back;
-    if (fi_av_insert(av[0], names[1], 1, &peer, 0, nullptr) != 1 ||
-        fi_av_insert(av[1], names[0], 1, &back, 0, nullptr) != 1) {
-      return;
-    }
-    if (fi_mr_reg(domain, src.data(), kMaxSize, FI_WRITE | FI_READ, 0, 1, 0, &src_mr, nullptr) ||
-        fi_mr_reg(domain, dst.data(), kMaxSize, FI_REMOTE_READ | FI_REMOTE_WRITE, 0, 2, 0, &dst_mr,
-                  nullptr)) {
-      return;
-    }
-    ok = true;
+    if (rc) return false;
+    fi_cq_attr ca = {};
+    ca.format = FI_CQ_FORMAT_CONTEXT;
+    ca.size = 256;
+    fi_av_attr aa = {};
+    aa.type = FI_AV_TABLE;
+    size_t len = sizeof name;
+    return fi_fabric(info->fabric_attr, &fabric, nullptr) == 0 &&
+           fi_domain(fabric, info, &domain, nullptr) == 0 &&
+           fi_cq_open(domain, &ca, &cq, nullptr) == 0 &&
+           fi_av_open(domain, &aa, &av, nullptr) == 0 &&
+           fi_endpoint(domain, info, &ep, nullptr) == 0 &&
+           fi_ep_bind(ep, &cq->fid, FI_TRANSMIT | FI_RECV) == 0 &&
+           fi_ep_bind(ep, &av->fid, 0) == 0 && fi_enable(ep) == 0 &&
+           fi_getname(&ep->fid, name, &len) == 0 &&
+           fi_mr_reg(domain, buf.data(), kMaxSize, access, 0, key, 0, &mr, nullptr) == 0;
   }
-  ~Raw() {
-    if (src_mr) fi_close(&src_mr->fid);
-    if (dst_mr) fi_close(&dst_mr->fid);
-    for (int i = 0; i < 2; ++i) {
-      if (ep[i]) fi_close(&ep[i]->fid);
-      if (av[i]) fi_close(&av[i]->fid);
-      if (cq[i]) fi_close(&cq[i]->fid);
-    }
+  ~RawSide() {
+    if (mr) fi_close(&mr->fid);
+    if (ep) fi_close(&ep->fid);
+    if (av) fi_close(&av->fid);
+    if (cq) fi_close(&cq->fid);
     if (domain) fi_close(&domain->fid);
     if (fabric) fi_close(&fabric->fid);
     if (info) fi_freeinfo(info);
   }
+  // Reads up to 16 completions; returns how many (aborts on an error completion).
+  int Reap() {
+    fi_cq_entry e[16];
+    ssize_t n = fi_cq_read(cq, e, 16);
+    if (n == -FI_EAVAIL) abort();
+    return n > 0 ? static_cast<int>(n) : 0;
+  }
+};
+
+// The raw loop's two sides: the initiator (0) writes from / reads into its buffer, the target (1)
+// exposes its buffer.
+struct Raw {
+  RawSide side[2];
+  fi_addr_t peer = 0;
+  bool ok = false;
+
+  explicit Raw(const char* prov) {
+    fi_addr_t back;
+    ok = side[0].Open(prov, FI_WRITE | FI_READ, 1) &&
+         side[1].Open(prov, FI_REMOTE_READ | FI_REMOTE_WRITE, 2) &&
+         fi_av_insert(side[0].av, side[1].name, 1, &peer, 0, nullptr) == 1 &&
+         fi_av_insert(side[1].av, side[0].name, 1, &back, 0, nullptr) == 1;
+  }
   uint64_t remote_addr() const {
-    return (info->domain_attr->mr_mode & FI_MR_VIRT_ADDR) ? reinterpret_cast<uint64_t>(dst.data())
-                                                          : 0;
+    return (side[1].info->domain_attr->mr_mode & FI_MR_VIRT_ADDR)
+               ? reinterpret_cast<uint64_t>(side[1].buf.data())
+               : 0;
   }
   // Posts one operation. Returns false on -FI_EAGAIN (the caller reaps and retries).
   bool TryPost(bool write, size_t size) {
-    void* desc = fi_mr_desc(src_mr);
-    iovec iov = {src.data(), size};
-    fi_rma_iov rma = {remote_addr(), size, fi_mr_key(dst_mr)};
+    void* desc = fi_mr_desc(side[0].mr);
+    iovec iov = {side[0].buf.data(), size};
+    fi_rma_iov rma = {remote_addr(), size, fi_mr_key(side[1].mr)};
     fi_msg_rma m = {};
     m.msg_iov = &iov;
     m.desc = &desc;
@@ -129,24 +138,18 @@ struct Raw {
     m.addr = peer;
     m.rma_iov = &rma;
     m.rma_iov_count = 1;
-    ssize_t rc = write ? fi_writemsg(ep[0], &m, FI_COMPLETION | FI_DELIVERY_COMPLETE)
-                       : fi_readmsg(ep[0], &m, FI_COMPLETION);
+    ssize_t rc = write ? fi_writemsg(side[0].ep, &m, FI_COMPLETION | FI_DELIVERY_COMPLETE)
+                       : fi_readmsg(side[0].ep, &m, FI_COMPLETION);
     if (rc == 0) return true;
     if (rc != -FI_EAGAIN) abort();
     return false;
   }
   // Reaps completions (driving the target's queue too); returns how many.
   int Reap() {
-    fi_cq_entry e[16];
-    fi_cq_read(cq[1], e, 16);
-    return ReapInitiator();
+    side[1].Reap();
+    return side[0].Reap();
   }
-  int ReapInitiator() {
-    fi_cq_entry e[16];
-    ssize_t n = fi_cq_read(cq[0], e, 16);
-    if (n == -FI_EAVAIL) abort();
-    return n > 0 ? static_cast<int>(n) : 0;
-  }
+  int ReapInitiator() { return side[0].Reap(); }
 };
 
 // Posts `depth` operations and waits for all of them, reaping the initiator's queue whenever the
@@ -189,7 +192,7 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
   std::atomic<bool> stop{false};
   std::thread target([&] {
     fi_cq_entry e[16];
-    while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.cq[1], e, 16);
+    while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.side[1].cq, e, 16);
   });
   const size_t size = static_cast<size_t>(state.range(0));
   const int depth = static_cast<int>(state.range(1));
