@@ -21,6 +21,8 @@
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s; 3 runs per size and mode)
 #   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
 #                     below this before starting, e.g. 1.5; unset: start at once
+#   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
+#                     other work on a shared machine takes less of its cores; unset: as is
 # Takes about 6 minutes on 2 vCPUs. Needs tools/setup.sh's packages (ucx-utils, gnuplot-nox).
 set -euo pipefail
 
@@ -34,6 +36,8 @@ WAIT_MAX=${WAIT_MAX:-900}
 SIZES=(64 4096 65536 1048576 16777216)
 # shellcheck disable=SC2206
 BAZEL=(bazel ${BAZEL_STARTUP:-})
+RUN=()
+[ -n "${PERF_NICE:-}" ] && RUN=(nice -n "$PERF_NICE")
 
 for tool in ucx_perftest ucx_info gnuplot; do
   command -v "$tool" >/dev/null || { echo "perf_report: $tool missing (bash tools/setup.sh)" >&2; exit 1; }
@@ -66,12 +70,12 @@ if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); 
 
 # ---- 1. the cache against UCX ----------------------------------------------------------------
 echo "perf_report: cache vs UCX" >&2
-"$BIN/regcache/ucx_comparison_benchmark" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
+"${RUN[@]}" "$BIN/regcache/ucx_comparison_benchmark" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
   --ratios_md="$OUT/cache.md" >"$OUT/cache.log" 2>&1 || { tail -20 "$OUT/cache.log" >&2; exit 1; }
 
 # ---- 2. the data path against raw libfabric --------------------------------------------------
 echo "perf_report: data path vs raw libfabric" >&2
-"$BIN/datapath/datapath_benchmark" --benchmark_min_time="$DATAPATH_MIN_TIME" "${GB_FLAGS[@]}" \
+"${RUN[@]}" "$BIN/datapath/datapath_benchmark" --benchmark_min_time="$DATAPATH_MIN_TIME" "${GB_FLAGS[@]}" \
   --ratios_md="$OUT/datapath.md" >"$OUT/datapath.log" 2>&1 ||
   { tail -20 "$OUT/datapath.log" >&2; exit 1; }
 
@@ -87,7 +91,7 @@ perftest() {  # perftest SIZE ARGS...
   [ "$n" -lt 20 ] && n=20
   local line
   # shellcheck disable=SC2086
-  line=$(timeout 120 env ${PERF_ENV:-} ucx_perftest -l -f -s "$size" -n "$n" -w $((n / 10 + 2)) \
+  line=$(timeout 120 "${RUN[@]}" env ${PERF_ENV:-} ucx_perftest -l -f -s "$size" -n "$n" -w $((n / 10 + 2)) \
     "$@" 2>>"$OUT/ucx_perftest.log" | tail -1) || true
   echo "${PERF_ENV:-} $* -s $size: $line" >>"$OUT/ucx_perftest.log"
   awk 'NF >= 8 && $1 ~ /^[0-9]+$/ { printf "%.0f", $6; found = 1 } END { if (!found) printf "-" }' \
@@ -123,7 +127,7 @@ SIZE_LIST=$(IFS=,; echo "${SIZES[*]}")
 for fabric in shm tcp; do
   plot=()
   [ "$fabric" = shm ] && plot=(--plot="$OUT/reuse_shm.png")
-  "$BIN/tools/sanreg_bench" --fabric="$fabric" --workload=reuse --mode=all --sizes="$SIZE_LIST" \
+  "${RUN[@]}" "$BIN/tools/sanreg_bench" --fabric="$fabric" --workload=reuse --mode=all --sizes="$SIZE_LIST" \
     --duration="$REUSE_DURATION" --repeat=3 --progress=off --json="$OUT/reuse_$fabric.json" \
     "${plot[@]}" >"$OUT/reuse_$fabric.log" 2>&1 || { tail -20 "$OUT/reuse_$fabric.log" >&2; exit 1; }
 done
@@ -193,7 +197,7 @@ json_to_md() {
 }
 echo "perf_report: cache_benchmark, memory_events_benchmark" >&2
 for b in cache_benchmark memory_events_benchmark; do
-  "$BIN/regcache/$b" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
+  "${RUN[@]}" "$BIN/regcache/$b" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
     --benchmark_out="$OUT/$b.json" --benchmark_out_format=json >"$OUT/$b.log" 2>&1 ||
     { tail -20 "$OUT/$b.log" >&2; exit 1; }
   json_to_md "$OUT/$b.json" >"$OUT/$b.md"
@@ -265,7 +269,7 @@ git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
   echo "# sanreg performance report"
   echo
   echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $COMMIT by"
-  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS REUSE_DURATION=$REUSE_DURATION), in ${ELAPSED} s."
+  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS REUSE_DURATION=$REUSE_DURATION${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
   echo
   echo "Machine: $(machine)."
   echo "Load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end."
