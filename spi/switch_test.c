@@ -6,7 +6,8 @@
  *      receiver pulls it with WSPRdmaRead, verifies the data and answers "done"; the sender
  *      deregisters;
  *   2. the receiver registers a target for writing and sends the descriptor; the sender writes it
- *      with WSPRdmaWrite and answers "done"; the receiver verifies;
+ *      with WSPRdmaWrite and answers "done"; the receiver verifies, clears it and answers "next"
+ *      (the sender writes the target again in step 3 only then);
  *   3. the sender registers a buffer, deregisters it (cached), munmaps it, calls
  *      WSPMemoryRegistrationCacheCallback, maps new memory at the same address with other bytes,
  *      registers it again and writes it: the receiver sees the new bytes;
@@ -187,9 +188,10 @@ static void Receiver(int port_pipe) {
   Send(s, desc, dlen);
   CHECK(Recv(s) == 5 && strcmp(in, "done") == 0);
   CHECK(Same(target, kSize, 2));
+  memset(target, 0, kSize);
+  Send(s, "next", 5);
 
   /* 3. The sender writes from remapped memory: the new bytes arrive. */
-  memset(target, 0, kSize);
   CHECK(Recv(s) == 5 && strcmp(in, "done") == 0);
   CHECK(Same(target, kSize, 4));
 
@@ -250,6 +252,7 @@ static void Sender(unsigned short port) {
   CHECK(Transfer(1, s, source, kSize, h, tdesc, tlen) == 0);
   CHECK(Dereg(s, h, &err) == 0);
   Send(s, "done", 5);
+  CHECK(Recv(s) == 5 && strcmp(in, "next") == 0);
 
   /* 3. Register, deregister (cached), unmap, tell the provider, remap with other bytes. */
   remap = Map(kSize);
