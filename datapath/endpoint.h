@@ -22,10 +22,15 @@
 //   kCancelled         this side closed the endpoint.
 //
 // What the providers enforce (libfabric 1.17, checked by datapath/security_test.cc):
-//   tcp (ofi_rxm): the target checks key, bounds and write rights on each access and refuses with
-//       an error. Read rights are NOT enforced: rxm adds FI_REMOTE_READ to every registration for
-//       its rendezvous protocol, so any key reads its region. Expose therefore refuses write-only
-//       exposure on tcp (kFailedPrecondition) unless FabricOptions::allow_readable_write_only. A refused write is only reported when the write asks for delivery completion, so
+//   tcp (native FI_EP_MSG endpoints): the target checks key, bounds and both rights (a read of a
+//       write-only region, a write of a read-only one) on each access. A refused access moves
+//       nothing, and the target's provider drops the connection; the initiator's provider then
+//       completes the operation as for a lost peer. The target, seeing its provider drop the
+//       connection while none of its own operations failed, says so on the out-of-band socket
+//       before it closes, and the operation completes kPermissionDenied (kUnavailable when the
+//       target sent no such word: it died, or had operations of its own in flight). With several
+//       operations in flight, the first one the provider reports failed is taken for the refused
+//       one. A refused write is only reported when the write asks for delivery completion, so
 //       every Write here uses FI_DELIVERY_COMPLETE: a completed Write is in the target's memory.
 //   shm: the target checks key, bounds and rights and moves nothing, but never tells the
 //       initiator, whose operation would wait forever. The operation deadline (FabricOptions::
@@ -84,8 +89,8 @@ class Endpoint {
 
   // Exposes [addr, addr + length) of `reg` to this connection's peer with `rights` (remote bits).
   // Returns kInvalidArgument when the range is empty or outside `reg`, kPermissionDenied when `reg`
-  // lacks a requested right, kFailedPrecondition for write-only rights on a provider that cannot
-  // keep them write-only (tcp; see the file comment), kUnavailable when the connection is lost.
+  // lacks a requested right, kUnavailable when the connection is lost. The target's provider
+  // enforces `rights` on tcp and shm (see the file comment).
   absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
                                       uint32_t rights, uint64_t generation = 0) const;
 
@@ -111,7 +116,7 @@ class Endpoint {
   absl::Status health() const;
   // Shared by both ends of the connection; stamped into the descriptors it exposes.
   uint64_t connection_id() const;
-  // The libfabric provider this connection runs on ("tcp;ofi_rxm", "shm"): with "auto" it
+  // The libfabric provider this connection runs on ("tcp", "shm"): with "auto" it
   // depends on where the peer is (see fabric.h).
   const std::string& provider_name() const;
   size_t max_in_flight() const;

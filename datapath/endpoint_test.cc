@@ -200,9 +200,7 @@ TEST_P(EndpointTest, InitiatorRefusesBadDescriptorsAndBuffersBeforeSending) {
             absl::StatusCode::kOutOfRange);
   // Rights.
   RemoteRegion ro = Expose(*tgt, kAccessRemoteRead);
-  // (tcp refuses to expose write-only memory: see endpoint.h; the descriptor check is the same.)
-  RemoteRegion wo = rw;
-  wo.rights = kAccessRemoteWrite;
+  RemoteRegion wo = Expose(*tgt, kAccessRemoteWrite);
   EXPECT_EQ(code(pair_->initiator->Write({&s, 1}, ro, 0, &c)),
             absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(code(pair_->initiator->Read({&s, 1}, wo, 0, &c)), absl::StatusCode::kPermissionDenied);

@@ -7,7 +7,7 @@
 // only makes progress because of this thread. While no operation is in flight the thread sleeps
 // between polls (up to FabricOptions::idle_poll), so an idle fabric burns no core.
 //
-// Providers: "tcp" (libfabric's tcp under ofi_rxm, FI_EP_RDM), "shm" (same host only, FI_EP_RDM),
+// Providers: "tcp" (libfabric's native tcp provider, FI_EP_MSG), "shm" (same host only, FI_EP_RDM),
 // "auto": per connection, shm when the peer is on this host (Connect to 0.0.0.0, 127.0.0.0/8 or an
 // address of one of this host's interfaces) and shm opens here, else tcp. An "auto" fabric holds
 // both domains: its registrar registers every range in each (the keys differ per domain; Expose
@@ -15,8 +15,13 @@
 // each domain has its own progress thread. Connect over shm falls back to tcp when the listener
 // answers that it does not run shm. provider_name() is the tcp one; Endpoint::provider_name() says
 // which one a connection uses.
-// Every endpoint is FI_EP_RDM with its own address vector, completion queue and a plain TCP socket
-// for the address exchange, which then serves as the liveness channel of the connection.
+// Every connection has its own completion queue and a plain TCP socket for the handshake, which
+// then serves as the liveness channel of the connection. On shm its provider endpoint is FI_EP_RDM
+// with its own address vector (the handshake exchanges the endpoints' names); on tcp it is a
+// connected FI_EP_MSG endpoint with its own event queue: the listening side opens a passive
+// endpoint for the connection, names it in the handshake and accepts the one connection request
+// that carries the token the connecting side sent. (tcp's FI_EP_RDM, tcp;ofi_rxm in libfabric
+// 1.17, makes every registration remotely readable; the native endpoints enforce both rights.)
 //
 // Thread-safety: all methods are thread-safe. Destroy the Fabric after every Endpoint, Listener and
 // registrar made from it.
@@ -57,24 +62,21 @@ struct FabricOptions {
   absl::Duration op_timeout = absl::Seconds(30);
   // The longest the progress thread sleeps between polls when nothing is in flight.
   absl::Duration idle_poll = absl::Milliseconds(1);
-  // tcp;ofi_rxm adds FI_REMOTE_READ to every registration (its rendezvous protocol reads large
-  // messages remotely), so a key handed out for writing also lets the peer read. Endpoint::Expose
-  // refuses write-only exposure on such a provider unless this is set (see endpoint.h).
-  bool allow_readable_write_only = false;
   bool apply_env = true;
 };
 
 class Fabric {
  public:
   // Opens the provider. Returns kNotFound when the installed libfabric has no such provider with
-  // one-sided RMA on FI_EP_RDM, kInvalidArgument for an unknown name or bad options.
+  // one-sided RMA (tcp on FI_EP_MSG, shm on FI_EP_RDM), kInvalidArgument for an unknown name or
+  // bad options.
   static absl::StatusOr<std::unique_ptr<Fabric>> Open(FabricOptions options);
 
   ~Fabric();
   Fabric(const Fabric&) = delete;
   Fabric& operator=(const Fabric&) = delete;
 
-  // The libfabric provider in use, e.g. "tcp;ofi_rxm" or "shm".
+  // The libfabric provider in use: "tcp" or "shm".
   const std::string& provider_name() const;
   const FabricOptions& options() const;
 

@@ -3,8 +3,7 @@
 // Each case builds a descriptor by hand, so the initiator's own checks (endpoint_test) do not stop
 // it, and checks that the target's provider refuses it: the operation fails, and no byte moves in
 // either direction. tcp reports the refusal (kPermissionDenied); shm drops it silently and the
-// operation deadline fails the connection (kUnavailable). On tcp, read rights are not enforced by
-// the provider; write-only exposure is refused instead. See endpoint.h.
+// operation deadline fails the connection (kUnavailable). See endpoint.h.
 
 #include <gtest/gtest.h>
 
@@ -67,11 +66,6 @@ TEST_P(SecurityTest, ForgedAccessIsRefusedAndMovesNothing) {
   const uint32_t granted = target_access & (kAccessRemoteRead | kAccessRemoteWrite);
   absl::StatusOr<RemoteRegion> exposed =
       p->target->Expose((*tgt)->reg(), (*tgt)->data(), kSize, granted);
-  if (provider == "tcp" && forgery == Forgery::kReadWriteOnly) {
-    // rxm makes every registration remotely readable, so write-only exposure is refused.
-    EXPECT_EQ(exposed.status().code(), absl::StatusCode::kFailedPrecondition) << exposed.status();
-    return;
-  }
   ASSERT_TRUE(exposed.ok()) << exposed.status();
   RemoteRegion forged = *exposed;
   forged.rights = kAccessRemoteRead | kAccessRemoteWrite;
@@ -136,6 +130,79 @@ TEST_P(SecurityTest, ForgedAccessIsRefusedAndMovesNothing) {
     }
   }
 }
+
+// SPI.md: memory registered write-only is never readable by the peer. The target exposes a region
+// for writing only, the peer writes to it (the exposure works), then forges a read of all of it:
+// with the exposed descriptor given read rights, or with a descriptor rebuilt from the raw key and
+// address. The target's provider must refuse it: the read fails and not one byte of the target's
+// memory reaches the initiator.
+enum class ReadForgery { kDescriptorWithReadRights, kRawKey };
+
+class WriteOnlyTest : public ::testing::TestWithParam<std::tuple<const char*, ReadForgery>> {};
+
+TEST_P(WriteOnlyTest, ForgedReadOfWriteOnlyExposureFailsAndReadsNothing) {
+  const std::string provider = std::get<0>(GetParam());
+  FabricOptions o;
+  o.provider = provider;
+  o.op_timeout = absl::Seconds(1);  // bounds shm's silent refusals
+  o.apply_env = false;
+  absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(o);
+  ASSERT_TRUE(p.ok()) << p.status();
+  PinRegistrar pin;
+  auto ireg = p->initiator_fabric->NewRegistrar(&pin);
+  auto treg = p->target_fabric->NewRegistrar(&pin);
+  auto tgt = Buffer::Make(treg.get(), kSize, kLocal | kAccessRemoteWrite);
+  ASSERT_TRUE(tgt.ok()) << tgt.status();
+  auto local = Buffer::Make(ireg.get(), kSize, kLocal);
+  ASSERT_TRUE(local.ok()) << local.status();
+  absl::StatusOr<RemoteRegion> exposed =
+      p->target->Expose((*tgt)->reg(), (*tgt)->data(), kSize, kAccessRemoteWrite);
+  ASSERT_TRUE(exposed.ok()) << exposed.status();
+
+  // Writing works.
+  (*local)->Fill(2);
+  Completion w;
+  Sge all = (*local)->sge();
+  ASSERT_TRUE(p->initiator->Write({&all, 1}, *exposed, 0, &w).ok());
+  w.Wait();
+  ASSERT_TRUE(w.status().ok()) << w.status();
+  for (size_t i = 0; i < kSize; ++i) ASSERT_EQ((*tgt)->data()[i], Buffer::Pattern(2, i));
+
+  // Reading does not: the target holds pattern 1, the initiator's buffer pattern 3.
+  (*tgt)->Fill(1);
+  (*local)->Fill(3);
+  RemoteRegion forged = *exposed;
+  if (std::get<1>(GetParam()) == ReadForgery::kRawKey) {
+    forged = RemoteRegion();
+    forged.addr = exposed->addr;
+    forged.key = exposed->key;
+    forged.length = kSize;
+    forged.connection = p->initiator->connection_id();
+  }
+  forged.rights = kAccessRemoteRead;
+  Completion r;
+  ASSERT_TRUE(p->initiator->Read({&all, 1}, forged, 0, &r).ok());
+  r.Wait();
+  ASSERT_FALSE(r.status().ok()) << "the forged read of write-only memory succeeded";
+  EXPECT_EQ(r.status().code(), provider == "tcp" ? absl::StatusCode::kPermissionDenied
+                                                 : absl::StatusCode::kUnavailable)
+      << r.status();
+  EXPECT_EQ(r.bytes(), 0u);
+  for (size_t i = 0; i < kSize; ++i) {
+    ASSERT_EQ((*local)->data()[i], Buffer::Pattern(3, i)) << "initiator byte " << i << " changed";
+    ASSERT_EQ((*tgt)->data()[i], Buffer::Pattern(1, i)) << "target byte " << i << " changed";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Providers, WriteOnlyTest,
+    ::testing::Combine(::testing::Values("tcp", "shm"),
+                       ::testing::Values(ReadForgery::kDescriptorWithReadRights,
+                                         ReadForgery::kRawKey)),
+    [](const auto& info) {
+      const bool raw = std::get<1>(info.param) == ReadForgery::kRawKey;
+      return std::string(std::get<0>(info.param)) + (raw ? "_RawKey" : "_DescriptorWithReadRights");
+    });
 
 INSTANTIATE_TEST_SUITE_P(
     Providers, SecurityTest,

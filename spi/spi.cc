@@ -1159,9 +1159,6 @@ extern "C" SANREG_SPI_API int WSPStartupEx(WORD version, LPWSPDATA data, LPWSAPR
     if (!ApplyEnvironment(&st->options).ok()) return WSASYSNOTREADY;
     FabricOptions fo;
     fo.provider = st->options.provider;
-    // tcp cannot keep write-only exposure write-only (endpoint.h); the initiator-side check of the
-    // descriptor's rights still refuses a sanreg peer's read of MEM_WRITE memory.
-    fo.allow_readable_write_only = true;
     fo.apply_env = true;
     absl::StatusOr<std::unique_ptr<Fabric>> fabric = Fabric::Open(fo);
     if (!fabric.ok()) return WSASYSNOTREADY;

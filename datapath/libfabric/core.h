@@ -1,7 +1,8 @@
 // core.h: the libfabric backend's private state behind Fabric, Endpoint and Listener.
 //
-// setup.cc opens and closes things (fi_getinfo, domain, endpoints, the address exchange);
-// data_path.cc holds the hot path (posting, completions, the progress thread).
+// setup.cc opens and closes things (fi_getinfo, domain, endpoints, the address exchange and, on
+// tcp, the provider connection); data_path.cc holds the hot path (posting, completions, the
+// progress thread).
 //
 // Locking: EndpointCore::cq_mu_ is taken before EndpointCore::mu_ where both are held.
 //   cq_mu_ serializes fi_cq_read/readerr with closing the provider endpoint;
@@ -19,8 +20,10 @@
 #define SANREG_DATAPATH_LIBFABRIC_CORE_H_
 
 #include <rdma/fabric.h>
+#include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
 #include <rdma/fi_endpoint.h>
+#include <rdma/fi_eq.h>
 #include <netinet/in.h>
 
 #include <atomic>
@@ -65,10 +68,10 @@ class FabricCore {
 
   absl::Status Open(const FabricOptions& options);  // setup.cc
   void StartProgress();  // also local_'s
-  // Finds out whether this domain, as an RMA target, takes virtual addresses or offsets.
-  absl::StatusOr<bool> ProbeVirtAddr();
 
-  // Creates a provider endpoint whose local address is the one `sock` is bound to (tcp).
+  // Creates an endpoint for the out-of-band connection `sock`: its queues and, on shm, its
+  // provider endpoint. On tcp the provider endpoint comes with the provider connection
+  // (EndpointCore::ConnectProvider / AcceptProvider).
   absl::StatusOr<std::shared_ptr<EndpointCore>> NewEndpoint(int sock, uint64_t connection_id);
   void AddEndpoint(std::shared_ptr<EndpointCore> ep);
   void RemoveEndpoint(EndpointCore* ep);
@@ -87,9 +90,11 @@ class FabricCore {
   std::string shm_prefix_;
   std::atomic<uint64_t> shm_endpoints_{0};
   std::unique_ptr<LivenessBeacon> beacon_;
+  // FI_EP_MSG (tcp): one connected provider endpoint per connection, with an event queue, no
+  // address vector. Otherwise FI_EP_RDM (shm).
+  bool msg_ = false;
   bool virt_addr_ = false;     // FI_MR_VIRT_ADDR: remote addresses are virtual addresses
   bool prov_key_ = false;      // FI_MR_PROV_KEY: the provider picks keys
-  bool remote_read_always_ = false;  // the provider makes every registration remotely readable
   // shm: look at the peer's liveness socket before each post (see EndpointCore::PeerGone).
   bool check_peer_before_post_ = false;
   size_t iov_limit_ = 1;
@@ -121,12 +126,23 @@ class EndpointCore {
   ~EndpointCore();
 
   // setup.cc
-  absl::Status OpenProvider(fi_info* info);
+  absl::Status OpenQueues();                 // the CQ, and the EQ (tcp) or the AV (shm)
+  absl::Status OpenProvider(fi_info* info);  // the provider endpoint, bound and enabled
+  // tcp: connects the provider endpoint to the listener's passive endpoint `pep_name` (from its
+  // hello), with `token` as connection data. Returns kUnavailable when it cannot.
+  absl::Status ConnectProvider(const std::string& pep_name, const std::string& token);
+  // tcp, the listening side: opens a passive endpoint, sends the hello that names it, and accepts
+  // the provider connection that carries `token`. `*hello_sent` says whether the hello went out.
+  absl::Status AcceptProvider(const std::string& token, bool* hello_sent);
+  absl::Status PostDropWatch();  // tcp, once connected: see drop_watch_
   absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
                                       uint32_t rights, uint64_t generation);
   // Fails the connection with `why` (kUnavailable, kCancelled, ...): closes the provider endpoint,
   // completes every pending operation with `why`, shuts the out-of-band socket. Unless
-  // `peer_gone`, first waits (bounded) for the peer to close its side. Idempotent.
+  // `peer_gone`, first waits (bounded) for the peer to close its side, noting in peer_refused_
+  // whether it said that it refused an access. On tcp, when our provider dropped the connection
+  // while no operation of ours had failed, instead tells the peer so (kRefusedByte) and closes at
+  // once (the provider connection is gone: the peer can post nothing more to us). Idempotent.
   void Fail(absl::Status why, bool peer_gone = false);
 
   // data_path.cc
@@ -152,8 +168,17 @@ class EndpointCore {
   int sock_ = -1;  // out-of-band socket (non-blocking after the handshake)
   fid_ep* ep_ = nullptr;
   fid_cq* cq_ = nullptr;
-  fid_av* av_ = nullptr;
-  fi_addr_t peer_ = FI_ADDR_UNSPEC;
+  fid_av* av_ = nullptr;             // shm
+  fid_eq* eq_ = nullptr;             // tcp: connection events
+  fi_addr_t peer_ = FI_ADDR_UNSPEC;  // shm; tcp endpoints are connected
+  // The peer said that its provider refused one of our accesses (kRefusedByte).
+  std::atomic<bool> peer_refused_{false};
+  // tcp: a one-word receive stays posted on the provider endpoint, with its own address as
+  // context, for the life of the connection. Nothing is ever sent to it (the data path is RMA
+  // only); the provider completes it in error when it drops the connection, which is how this
+  // side learns, in the completion queue it polls anyway, that its provider refused the peer's
+  // access. A peer that sends it a message is a protocol error.
+  uint64_t drop_watch_ = 0;
   std::string local_name_;  // fi_getname
   std::atomic<bool> open_{false};
   std::unique_ptr<LivenessWatch> peer_alive_;  // shm: the peer fabric's beacon, when it has one
@@ -179,6 +204,8 @@ class EndpointCore {
   mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(cq_mu_);
   State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;
   absl::Status health_ ABSL_GUARDED_BY(mu_);
+  bool op_failed_ ABSL_GUARDED_BY(mu_) = false;  // the provider completed an operation in error
+  bool provider_dropped_ ABSL_GUARDED_BY(mu_) = false;  // tcp: drop_watch_ completed in error
   Completion* posted_head_ ABSL_GUARDED_BY(mu_) = nullptr;
   Completion* posted_tail_ ABSL_GUARDED_BY(mu_) = nullptr;
   Completion* queued_head_ ABSL_GUARDED_BY(mu_) = nullptr;
@@ -215,6 +242,12 @@ class ListenerCore {
 // The wake-up byte an initiator sends on the out-of-band socket so that a passive target's
 // progress thread polls hot while operations arrive (the providers' data progress is manual).
 inline constexpr char kWakeByte = 'W';
+// The byte a tcp endpoint sends on the out-of-band socket, before it closes, when its provider
+// dropped the connection while none of its own operations had failed: what the native tcp
+// provider does when it refuses a peer's access (key, bounds, rights). The initiator's provider
+// then only sees the connection end, and completes the refused operation as it would for a lost
+// peer (FI_ECANCELED, with whatever errno was last set); this byte tells the two apart.
+inline constexpr char kRefusedByte = 'R';
 // How long a wake-up keeps the target hot, and how often an initiator repeats it while busy.
 inline constexpr int64_t kHotWindowNs = 20'000'000;
 inline constexpr int64_t kWakeRepeatNs = 5'000'000;

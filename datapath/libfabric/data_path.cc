@@ -29,27 +29,6 @@ WaitShard& ShardFor(const void* p) {
   return shards[(reinterpret_cast<uintptr_t>(p) >> 6) % kWaitShards];
 }
 
-// Whether a provider's errno says the connection itself failed.
-bool IsConnectionErrno(int e) {
-  switch (e) {
-    case ENOTCONN:
-    case ECONNRESET:
-    case ECONNABORTED:
-    case ECONNREFUSED:
-    case EPIPE:
-    case ESHUTDOWN:
-    case ETIMEDOUT:
-    case EHOSTUNREACH:
-    case EHOSTDOWN:
-    case ENETUNREACH:
-    case ENETDOWN:
-    case ENETRESET:
-      return true;
-    default:
-      return false;
-  }
-}
-
 }  // namespace
 
 void Completion::Wait() {
@@ -231,7 +210,9 @@ size_t EndpointCore::Progress(int64_t now_ns) {
   Completion* done[kBatch + 1];
   size_t ndone = 0;
   Completion* failed = nullptr;
-  absl::Status failed_status;
+  int failed_err = 0;
+  absl::Status failing;  // why the connection was already failing when `failed` came back
+  bool dropped = false;
   absl::Status fail_why;
   {
     if (!cq_mu_.TryLock()) return 0;
@@ -242,30 +223,23 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     fi_cq_entry entries[kBatch];
     ssize_t got = fi_cq_read(cq_, entries, kBatch);
     if (got > 0) {
-      for (ssize_t i = 0; i < got; ++i) done[ndone++] = static_cast<Completion*>(entries[i].op_context);
+      for (ssize_t i = 0; i < got; ++i) {
+        if (entries[i].op_context == &drop_watch_) {
+          fail_why = absl::UnavailableError("protocol error: the peer sent a message");
+          continue;
+        }
+        done[ndone++] = static_cast<Completion*>(entries[i].op_context);
+      }
     } else if (got == -FI_EAVAIL) {
       fi_cq_err_entry err = {};
-      if (fi_cq_readerr(cq_, &err, 0) == 1) {
+      if (fi_cq_readerr(cq_, &err, 0) == 1 && err.op_context == &drop_watch_) {
+        dropped = true;  // tcp: the provider dropped the connection (see drop_watch_)
+        fail_why = absl::UnavailableError("the provider dropped the connection");
+      } else {
         failed = static_cast<Completion*>(err.op_context);
-        // The target's provider refusing an access (key, bounds, rights) arrives as FI_ECANCELED
-        // (tcp) with the target's answer in prov_errno (ENOENT); an operation cut off by the
-        // connection's failure arrives as FI_ECANCELED too, but with the socket's errno
-        // (ENOTCONN, ECONNRESET, ...), often before the out-of-band socket shows the death.
-        // Anything else, or any error while the peer's socket is gone, is a lost peer.
-        pollfd p = {sock_, POLLIN | POLLRDHUP, 0};
-        bool peer_gone = poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP));
-        if (!peer_gone && !IsConnectionErrno(err.prov_errno) &&
-            (err.err == FI_ECANCELED || err.err == FI_EACCES || err.err == FI_EPERM ||
-             err.err == FI_EINVAL || err.err == FI_ENOKEY)) {
-          failed_status = absl::PermissionDeniedError("the target refused the access");
-        } else {
-          failed_status = FiError("operation failed", err.err);
-          if (failed_status.code() != absl::StatusCode::kUnavailable) {
-            failed_status = absl::UnavailableError(failed_status.message());
-          }
-        }
+        failed_err = err.err;
+        fail_why = absl::UnavailableError("connection failed after an operation error");
       }
-      fail_why = absl::UnavailableError("connection failed after an operation error");
     } else if (got != -FI_EAGAIN) {
       fail_why = FiError("fi_cq_read", static_cast<int>(-got));
     }
@@ -277,7 +251,11 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     if (failed != nullptr) {
       Unlink(&posted_head_, &posted_tail_, failed);
       --posted_count_;
+      op_failed_ = true;
+      // A local Close (or an earlier failure) that cut it off is what it completes with.
+      if (state_ != State::kOpen) failing = health_;
     }
+    if (dropped) provider_dropped_ = true;
     if (state_ == State::kOpen) {
       if (!PostQueued() && fail_why.ok()) {
         fail_why = absl::UnavailableError("the peer closed the connection or died");
@@ -293,7 +271,19 @@ size_t EndpointCore::Progress(int64_t now_ns) {
   // Fail first, so that whoever sees the failed operation finds the connection failed too.
   if (!fail_why.ok()) Fail(std::move(fail_why));
   for (size_t i = 0; i < ndone; ++i) Finish(done[i], absl::OkStatus());
-  if (failed != nullptr) Finish(failed, std::move(failed_status));
+  if (failed != nullptr) {
+    // A refused access and a lost peer look alike here (tcp: FI_ECANCELED with a stale errno;
+    // shm never reports a refusal). Fail has read the peer's last bytes: a peer whose provider
+    // refused the access said so (kRefusedByte). With several operations in flight, the first
+    // reported failed is taken for the refused one; the rest complete with fail_why.
+    absl::Status why = std::move(failing);
+    if (why.ok() && peer_refused_.load(std::memory_order_relaxed)) {
+      why = absl::PermissionDeniedError("the target refused the access");
+    } else if (why.ok()) {
+      why = absl::UnavailableError(FiError("operation failed", failed_err).message());
+    }
+    Finish(failed, std::move(why));
+  }
   return ndone + (failed != nullptr ? 1 : 0);
 }
 
@@ -302,7 +292,9 @@ bool EndpointCore::OnSocketReadable() {
   ssize_t n = recv(sock_, buf, sizeof buf, MSG_DONTWAIT);
   if (n > 0) {
     for (ssize_t i = 0; i < n; ++i) {
-      if (buf[i] != kWakeByte) {
+      if (buf[i] == kRefusedByte) {
+        peer_refused_.store(true, std::memory_order_relaxed);  // its EOF, and our CQ error, follow
+      } else if (buf[i] != kWakeByte) {
         Fail(absl::UnavailableError("protocol error on the out-of-band socket"));
         return false;
       }

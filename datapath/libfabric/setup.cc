@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cinttypes>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -41,6 +42,10 @@ constexpr absl::Duration kHandshakeTimeout = absl::Seconds(10);
 constexpr uint32_t kHelloMagic = 0x31485253;  // "SRH1"
 constexpr uint16_t kHelloVersion = 1;
 constexpr size_t kMaxName = 512;
+// tcp (FI_EP_MSG): the connecting side sends this many random bytes in its hello and again as the
+// data of its provider connection request; the listener accepts on its passive endpoint only the
+// request that carries them, so no third party can take the connection by racing to that port.
+constexpr size_t kTokenSize = 16;
 // How long a closing endpoint waits for its peer to close first.
 constexpr absl::Duration kCloseLinger = absl::Seconds(2);
 
@@ -74,7 +79,9 @@ constexpr EnvOverride kEnvOverrides[] = {
 };
 
 // The hello each side sends on the out-of-band socket: who it is and where its provider endpoint
-// listens. Fixed header, then the provider name, then the provider address. A listener that
+// listens. Fixed header, then the provider name, then the provider address (shm: the endpoint's
+// name; tcp: the connecting side sends its token, the listener the address of the passive endpoint
+// that waits for the provider connection). A listener that
 // cannot take the connection answers with a refusal instead: `refusal` holds the absl::StatusCode
 // and the name field the reason, so the connecting side reports the real cause.
 struct HelloHeader {
@@ -186,11 +193,21 @@ void SweepDeadShmRegions() {
 fi_info* MakeHints(const std::string& provider, uint64_t mr_mode) {
   fi_info* h = fi_allocinfo();
   h->caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
-  h->ep_attr->type = FI_EP_RDM;
   h->fabric_attr->prov_name = strdup(provider.c_str());
   h->domain_attr->threading = FI_THREAD_SAFE;
   h->domain_attr->mr_mode = static_cast<int>(mr_mode);
-  if (provider == "tcp") h->addr_format = FI_SOCKADDR_IN;
+  if (provider == "tcp") {
+    // The native tcp provider's connected endpoints: its target checks key, bounds and both remote
+    // rights of each access (FI_EP_RDM on tcp is tcp;ofi_rxm, which makes every registration
+    // remotely readable). Manual progress: the fabric's progress thread drives it, as on shm.
+    h->ep_attr->type = FI_EP_MSG;
+    h->caps |= FI_MSG | FI_RECV;  // for EndpointCore::drop_watch_
+    h->addr_format = FI_SOCKADDR_IN;
+    h->domain_attr->data_progress = FI_PROGRESS_MANUAL;
+    h->domain_attr->control_progress = FI_PROGRESS_MANUAL;
+  } else {
+    h->ep_attr->type = FI_EP_RDM;
+  }
   return h;
 }
 
@@ -254,7 +271,8 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
     if (rc == 0) break;
   }
   if (rc != 0) {
-    return absl::NotFoundError(absl::StrCat("provider ", prov, " with RMA on FI_EP_RDM: ",
+    return absl::NotFoundError(absl::StrCat("provider ", prov, " with RMA on ",
+                                            prov == "tcp" ? "FI_EP_MSG" : "FI_EP_RDM", ": ",
                                             fi_strerror(-rc)));
   }
   // Keep only the first match.
@@ -263,6 +281,7 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   provider_name_ = info_->fabric_attr->prov_name;
   is_tcp_ = prov == "tcp";
   is_shm_ = provider_name_ == "shm";
+  msg_ = info_->ep_attr->type == FI_EP_MSG;
   if (is_shm_) {
     SweepDeadShmRegions();
     shm_prefix_ = NewShmPrefix();
@@ -271,25 +290,16 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
         LivenessBeacon::Create(absl::StrCat(shm_prefix_, "-alive"));
     if (b.ok()) beacon_ = *std::move(b);
   }
+  // tcp (FI_EP_MSG, libfabric 1.17) answers with no mr_mode bit whatever the hints ask: requested
+  // keys and offsets into the registration, as its target checks them (ofi_mr_verify adds the
+  // registration's base to the address it receives).
   virt_addr_ = (info_->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
   prov_key_ = (info_->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
-  // Quirk (libfabric 1.17, ofi_rxm): rxm_mr_get_msg_access adds FI_REMOTE_READ to every
-  // registration it passes to the core provider (rendezvous reads), whatever the caller asked.
-  remote_read_always_ = provider_name_.find("ofi_rxm") != std::string::npos;
   check_peer_before_post_ = is_shm_;
   iov_limit_ = std::min<size_t>(info_->tx_attr->iov_limit, Completion::kMaxSge);
   max_in_flight_ = std::min<size_t>(options_.max_in_flight, info_->tx_attr->size);
   if ((rc = fi_fabric(info_->fabric_attr, &fabric_, nullptr)) != 0) return FiError("fi_fabric", -rc);
   if ((rc = fi_domain(fabric_, info_, &domain_, nullptr)) != 0) return FiError("fi_domain", -rc);
-  if (provider_name_.find("ofi_rxm") != std::string::npos) {
-    // Quirk (libfabric 1.17, tcp;ofi_rxm): the provider reports offset addressing (no
-    // FI_MR_VIRT_ADDR), but whether a target adds the registration's base to the address it
-    // receives depends on the mode of the core tcp domain under rxm, which we saw differ between
-    // runs. Ask this domain, as a target, how it behaves.
-    absl::StatusOr<bool> virt = ProbeVirtAddr();
-    if (!virt.ok()) return virt.status();
-    virt_addr_ = *virt;
-  }
   wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) return absl::InternalError(absl::StrCat("eventfd: ", strerror(errno)));
   if (options_.provider == "auto") {
@@ -306,105 +316,6 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
     }
   }
   return absl::OkStatus();
-}
-
-absl::StatusOr<bool> FabricCore::ProbeVirtAddr() {
-  // A scratch initiator domain writes 8 bytes into a registration of this domain, first with the
-  // offset 8, then (if that did not land) with the virtual address of byte 8.
-  fid_domain* idom = nullptr;
-  fid_ep* eps[2] = {};
-  fid_cq* cqs[2] = {};
-  fid_av* avs[2] = {};
-  fid_mr* mrs[2] = {};
-  alignas(64) static thread_local uint64_t target[4];
-  alignas(64) static thread_local uint64_t source[1];
-  absl::StatusOr<bool> result = absl::UnavailableError("addressing probe failed");
-  int rc = fi_domain(fabric_, info_, &idom, nullptr);
-  fid_domain* doms[2] = {domain_, idom};
-  char names[2][kMaxName];
-  fi_addr_t peer = 0;
-  for (int i = 0; rc == 0 && i < 2; ++i) {
-    fi_cq_attr ca = {};
-    ca.format = FI_CQ_FORMAT_CONTEXT;
-    fi_av_attr aa = {};
-    aa.type = FI_AV_TABLE;
-    size_t len = kMaxName;
-    rc = fi_cq_open(doms[i], &ca, &cqs[i], nullptr);
-    if (rc == 0) rc = fi_av_open(doms[i], &aa, &avs[i], nullptr);
-    if (rc == 0) rc = fi_endpoint(doms[i], info_, &eps[i], nullptr);
-    if (rc == 0) rc = fi_ep_bind(eps[i], &cqs[i]->fid, FI_TRANSMIT | FI_RECV);
-    if (rc == 0) rc = fi_ep_bind(eps[i], &avs[i]->fid, 0);
-    if (rc == 0) rc = fi_enable(eps[i]);
-    if (rc == 0) rc = fi_getname(&eps[i]->fid, names[i], &len);
-  }
-  if (rc == 0 && fi_av_insert(avs[1], names[0], 1, &peer, 0, nullptr) != 1) rc = -FI_EINVAL;
-  fi_addr_t back = 0;
-  if (rc == 0 && fi_av_insert(avs[0], names[1], 1, &back, 0, nullptr) != 1) rc = -FI_EINVAL;
-  if (rc == 0) {
-    rc = fi_mr_reg(domain_, target, sizeof target, FI_REMOTE_WRITE, 0, RandomU64(), 0, &mrs[0],
-                   nullptr);
-  }
-  if (rc == 0) {
-    rc = fi_mr_reg(idom, source, sizeof source, FI_WRITE, 0, RandomU64(), 0, &mrs[1], nullptr);
-  }
-  for (int attempt = 0; rc == 0 && attempt < 2 && !result.ok(); ++attempt) {
-    target[1] = 0;
-    source[0] = 0x5a4e5245475052ull;
-    uint64_t addr = attempt == 0 ? 8 : reinterpret_cast<uint64_t>(&target[1]);
-    void* desc = fi_mr_desc(mrs[1]);
-    ssize_t posted = -FI_EAGAIN;
-    const absl::Time deadline = absl::Now() + absl::Seconds(5);
-    bool done = false;
-    while (!done && absl::Now() < deadline) {
-      if (posted == -FI_EAGAIN) {
-        posted = fi_write(eps[1], source, sizeof source, desc, peer, addr, fi_mr_key(mrs[0]),
-                          nullptr);
-      }
-      fi_cq_entry e;
-      fi_cq_read(cqs[0], &e, 1);  // the target's manual progress
-      if (posted != 0) continue;
-      ssize_t n = fi_cq_read(cqs[1], &e, 1);
-      if (n == 1) {
-        if (target[1] == source[0]) result = attempt == 1;
-        done = true;
-      } else if (n == -FI_EAVAIL) {
-        fi_cq_err_entry err = {};
-        fi_cq_readerr(cqs[1], &err, 0);
-        done = true;
-      }
-    }
-    if (!done) break;  // unknown state: give up rather than reuse the endpoint
-    if (!result.ok() && attempt == 0) {
-      // A refused access fails the rxm connection: start the second try on fresh endpoints.
-      for (int i = 0; i < 2; ++i) {
-        fi_close(&eps[i]->fid);
-        eps[i] = nullptr;
-      }
-      for (int i = 0; rc == 0 && i < 2; ++i) {
-        size_t len = kMaxName;
-        rc = fi_endpoint(doms[i], info_, &eps[i], nullptr);
-        if (rc == 0) rc = fi_ep_bind(eps[i], &cqs[i]->fid, FI_TRANSMIT | FI_RECV);
-        if (rc == 0) rc = fi_ep_bind(eps[i], &avs[i]->fid, 0);
-        if (rc == 0) rc = fi_enable(eps[i]);
-        if (rc == 0) rc = fi_getname(&eps[i]->fid, names[i], &len);
-      }
-      fi_av_remove(avs[1], &peer, 1, 0);
-      fi_av_remove(avs[0], &back, 1, 0);
-      if (rc == 0 && fi_av_insert(avs[1], names[0], 1, &peer, 0, nullptr) != 1) rc = -FI_EINVAL;
-      if (rc == 0 && fi_av_insert(avs[0], names[1], 1, &back, 0, nullptr) != 1) rc = -FI_EINVAL;
-    }
-  }
-  for (int i = 0; i < 2; ++i) {
-    if (eps[i] != nullptr) fi_close(&eps[i]->fid);
-  }
-  for (int i = 0; i < 2; ++i) {
-    if (mrs[i] != nullptr) fi_close(&mrs[i]->fid);
-    if (avs[i] != nullptr) fi_close(&avs[i]->fid);
-    if (cqs[i] != nullptr) fi_close(&cqs[i]->fid);
-  }
-  if (idom != nullptr) fi_close(&idom->fid);
-  if (rc != 0) return FiError("addressing probe", -rc);
-  return result;
 }
 
 void FabricCore::StartProgress() {
@@ -458,33 +369,23 @@ void FabricCore::RemoveEndpoint(EndpointCore* ep) {
 
 absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,
                                                                       uint64_t connection_id) {
-  fi_info* info = fi_dupinfo(info_);
-  if (info == nullptr) return absl::ResourceExhaustedError("fi_dupinfo");
-  if (is_tcp_) {
-    // Bind the provider endpoint to the interface the out-of-band connection uses, so the address
-    // the peer receives is one it can reach.
-    sockaddr_in local = {};
-    socklen_t len = sizeof local;
-    if (getsockname(sock, reinterpret_cast<sockaddr*>(&local), &len) != 0) {
-      fi_freeinfo(info);
-      return absl::UnavailableError(absl::StrCat("getsockname: ", strerror(errno)));
-    }
-    local.sin_port = 0;
-    free(info->src_addr);
-    info->src_addr = malloc(sizeof local);
-    memcpy(info->src_addr, &local, sizeof local);
-    info->src_addrlen = sizeof local;
-    info->addr_format = FI_SOCKADDR_IN;
-  } else if (is_shm_) {
-    std::string name = absl::StrCat(shm_prefix_, "-", shm_endpoints_.fetch_add(1));
-    free(info->src_addr);
-    info->src_addr = strdup(name.c_str());
-    info->src_addrlen = name.size() + 1;
-  }
   auto ep = std::make_shared<EndpointCore>(this, connection_id);
   ep->sock_ = sock;
-  absl::Status s = ep->OpenProvider(info);
-  fi_freeinfo(info);
+  absl::Status s = ep->OpenQueues();
+  if (s.ok() && is_shm_) {
+    fi_info* info = fi_dupinfo(info_);
+    if (info == nullptr) {
+      s = absl::ResourceExhaustedError("fi_dupinfo");
+    } else {
+      std::string name = absl::StrCat(shm_prefix_, "-", shm_endpoints_.fetch_add(1));
+      free(info->src_addr);
+      info->src_addr = strdup(name.c_str());
+      info->src_addrlen = name.size() + 1;
+      s = ep->OpenProvider(info);
+      fi_freeinfo(info);
+    }
+  }
+  // tcp: the provider endpoint comes with the connection (ConnectProvider, AcceptProvider).
   if (!s.ok()) {
     ep->sock_ = -1;  // the caller still owns it
     return s;
@@ -492,7 +393,63 @@ absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,
   return ep;
 }
 
-absl::Status EndpointCore::OpenProvider(fi_info* info) {
+namespace {
+
+// A copy of `core`'s info whose source address is the interface `sock` is bound to (port 0), so
+// that the address a peer receives is one it can reach.
+absl::StatusOr<fi_info*> InfoBoundTo(FabricCore* core, int sock) {
+  sockaddr_in local = {};
+  socklen_t len = sizeof local;
+  if (getsockname(sock, reinterpret_cast<sockaddr*>(&local), &len) != 0) {
+    return absl::UnavailableError(absl::StrCat("getsockname: ", strerror(errno)));
+  }
+  local.sin_port = 0;
+  fi_info* info = fi_dupinfo(core->info_);
+  if (info == nullptr) return absl::ResourceExhaustedError("fi_dupinfo");
+  free(info->src_addr);
+  info->src_addr = malloc(sizeof local);
+  memcpy(info->src_addr, &local, sizeof local);
+  info->src_addrlen = sizeof local;
+  info->addr_format = FI_SOCKADDR_IN;
+  return info;
+}
+
+// A connection-management event, with room for the connection data tcp carries.
+struct CmEvent {
+  fi_eq_cm_entry& entry() { return *reinterpret_cast<fi_eq_cm_entry*>(buf); }
+  const uint8_t* data() const { return buf + offsetof(fi_eq_cm_entry, data); }
+  alignas(fi_eq_cm_entry) uint8_t buf[offsetof(fi_eq_cm_entry, data) + kTokenSize + 64];
+};
+
+// Waits on `eq` for the next connection-management event before `deadline`. Returns the event
+// (the entry and the length of its data in `*out`, `*data_len`); kUnavailable on a timeout or an
+// error event (a refused or failed connection).
+absl::StatusOr<uint32_t> WaitCm(fid_eq* eq, CmEvent* out, size_t* data_len, absl::Time deadline) {
+  for (;;) {
+    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (ms <= 0) return absl::UnavailableError("provider connection timed out");
+    uint32_t event = 0;
+    ssize_t n = fi_eq_sread(eq, &event, out->buf, sizeof out->buf,
+                            static_cast<int>(std::min<int64_t>(ms, 100)), 0);
+    if (n == -FI_EAGAIN || n == -FI_ETIMEDOUT || n == -FI_EINTR) continue;
+    if (n == -FI_EAVAIL) {
+      fi_eq_err_entry err = {};
+      fi_eq_readerr(eq, &err, 0);
+      return absl::UnavailableError(
+          absl::StrCat("provider connection failed: ", fi_strerror(err.err)));
+    }
+    if (n < 0) return FiError("fi_eq_sread", static_cast<int>(-n));
+    if (static_cast<size_t>(n) < offsetof(fi_eq_cm_entry, data)) {
+      return absl::UnavailableError("short connection event");
+    }
+    *data_len = static_cast<size_t>(n) - offsetof(fi_eq_cm_entry, data);
+    return event;
+  }
+}
+
+}  // namespace
+
+absl::Status EndpointCore::OpenQueues() {
   FabricCore* f = fabric_;
   fi_cq_attr cq_attr = {};
   cq_attr.format = FI_CQ_FORMAT_CONTEXT;
@@ -500,16 +457,33 @@ absl::Status EndpointCore::OpenProvider(fi_info* info) {
   cq_attr.wait_obj = FI_WAIT_NONE;
   int rc = fi_cq_open(f->domain_, &cq_attr, &cq_, nullptr);
   if (rc != 0) return FiError("fi_cq_open", -rc);
-  fi_av_attr av_attr = {};
-  av_attr.type = FI_AV_TABLE;
-  av_attr.count = 2;
-  if ((rc = fi_av_open(f->domain_, &av_attr, &av_, nullptr)) != 0) return FiError("fi_av_open", -rc);
-  if ((rc = fi_endpoint(f->domain_, info, &ep_, nullptr)) != 0) return FiError("fi_endpoint", -rc);
+  if (f->msg_) {
+    // Connection events, waited for during the handshake only (afterwards a dropped connection
+    // shows in the completion queue: see drop_watch_).
+    fi_eq_attr eq_attr = {};
+    eq_attr.wait_obj = FI_WAIT_UNSPEC;
+    rc = fi_eq_open(f->fabric_, &eq_attr, &eq_, nullptr);
+    if (rc != 0) return FiError("fi_eq_open", -rc);
+  } else {
+    fi_av_attr av_attr = {};
+    av_attr.type = FI_AV_TABLE;
+    av_attr.count = 2;
+    rc = fi_av_open(f->domain_, &av_attr, &av_, nullptr);
+    if (rc != 0) return FiError("fi_av_open", -rc);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status EndpointCore::OpenProvider(fi_info* info) {
+  int rc = fi_endpoint(fabric_->domain_, info, &ep_, nullptr);
+  if (rc != 0) return FiError("fi_endpoint", -rc);
   if ((rc = fi_ep_bind(ep_, &cq_->fid, FI_TRANSMIT | FI_RECV)) != 0) {
     return FiError("fi_ep_bind(cq)", -rc);
   }
-  if ((rc = fi_ep_bind(ep_, &av_->fid, 0)) != 0) return FiError("fi_ep_bind(av)", -rc);
+  fid* queue = fabric_->msg_ ? &eq_->fid : &av_->fid;
+  if ((rc = fi_ep_bind(ep_, queue, 0)) != 0) return FiError("fi_ep_bind(eq/av)", -rc);
   if ((rc = fi_enable(ep_)) != 0) return FiError("fi_enable", -rc);
+  if (fabric_->msg_) return absl::OkStatus();
   char name[kMaxName];
   size_t len = sizeof name;
   if ((rc = fi_getname(&ep_->fid, name, &len)) != 0) return FiError("fi_getname", -rc);
@@ -517,12 +491,103 @@ absl::Status EndpointCore::OpenProvider(fi_info* info) {
   return absl::OkStatus();
 }
 
+absl::Status EndpointCore::ConnectProvider(const std::string& pep_name, const std::string& token) {
+  // The listener's passive endpoint: an IPv4 address, the one this side's out-of-band socket
+  // reached (a listener names no third host).
+  sockaddr_in pep = {};
+  sockaddr_in oob = {};
+  socklen_t len = sizeof oob;
+  if (pep_name.size() == sizeof pep) memcpy(&pep, pep_name.data(), sizeof pep);
+  if (pep_name.size() != sizeof pep || pep.sin_family != AF_INET || pep.sin_port == 0 ||
+      getpeername(sock_, reinterpret_cast<sockaddr*>(&oob), &len) != 0 ||
+      pep.sin_addr.s_addr != oob.sin_addr.s_addr) {
+    return absl::UnavailableError(
+        absl::StrCat("the peer sent an unusable provider address (", pep_name.size(), " bytes)"));
+  }
+  absl::StatusOr<fi_info*> info = InfoBoundTo(fabric_, sock_);
+  if (!info.ok()) return info.status();
+  absl::Status s = OpenProvider(*info);
+  fi_freeinfo(*info);
+  if (!s.ok()) return s;
+  int rc = fi_connect(ep_, &pep, token.data(), token.size());
+  if (rc != 0) return FiError("fi_connect", -rc);
+  CmEvent ev;
+  size_t data_len = 0;
+  absl::StatusOr<uint32_t> got = WaitCm(eq_, &ev, &data_len, absl::Now() + kHandshakeTimeout);
+  if (!got.ok()) return got.status();
+  if (*got != FI_CONNECTED) return absl::UnavailableError("unexpected connection event");
+  return PostDropWatch();
+}
+
+absl::Status EndpointCore::PostDropWatch() {
+  // No descriptor: tcp's domain has no FI_MR_LOCAL.
+  ssize_t rc =
+      fi_recv(ep_, &drop_watch_, sizeof drop_watch_, nullptr, FI_ADDR_UNSPEC, &drop_watch_);
+  if (rc != 0) return FiError("fi_recv", static_cast<int>(-rc));
+  return absl::OkStatus();
+}
+
+absl::Status EndpointCore::AcceptProvider(const std::string& token, bool* hello_sent) {
+  *hello_sent = false;
+  absl::StatusOr<fi_info*> info = InfoBoundTo(fabric_, sock_);
+  if (!info.ok()) return info.status();
+  fid_pep* pep = nullptr;
+  int rc = fi_passive_ep(fabric_->fabric_, *info, &pep, nullptr);
+  fi_freeinfo(*info);
+  if (rc != 0) return FiError("fi_passive_ep", -rc);
+  absl::Status s;
+  char name[kMaxName];
+  size_t len = sizeof name;
+  if ((rc = fi_pep_bind(pep, &eq_->fid, 0)) != 0) s = FiError("fi_pep_bind", -rc);
+  if (s.ok() && (rc = fi_listen(pep)) != 0) s = FiError("fi_listen", -rc);
+  if (s.ok() && (rc = fi_getname(&pep->fid, name, &len)) != 0) s = FiError("fi_getname", -rc);
+  if (s.ok()) s = SendHello(sock_, fabric_->provider_name_, std::string(name, len), id_);
+  *hello_sent = s.ok();
+  const absl::Time deadline = absl::Now() + kHandshakeTimeout;
+  while (s.ok() && ep_ == nullptr) {
+    CmEvent ev;
+    size_t data_len = 0;
+    absl::StatusOr<uint32_t> got = WaitCm(eq_, &ev, &data_len, deadline);
+    if (!got.ok()) {
+      s = got.status();
+      break;
+    }
+    if (*got != FI_CONNREQ) continue;
+    if (data_len != token.size() || memcmp(ev.data(), token.data(), token.size()) != 0) {
+      // Not the peer of this handshake.
+      fi_reject(pep, ev.entry().info->handle, nullptr, 0);
+      fi_freeinfo(ev.entry().info);
+      continue;
+    }
+    s = OpenProvider(ev.entry().info);
+    if (s.ok() && (rc = fi_accept(ep_, nullptr, 0)) != 0) s = FiError("fi_accept", -rc);
+    if (!s.ok() && ep_ == nullptr) fi_reject(pep, ev.entry().info->handle, nullptr, 0);
+    fi_freeinfo(ev.entry().info);
+  }
+  while (s.ok()) {
+    CmEvent ev;
+    size_t data_len = 0;
+    absl::StatusOr<uint32_t> got = WaitCm(eq_, &ev, &data_len, deadline);
+    if (!got.ok()) {
+      s = got.status();
+    } else if (*got == FI_CONNECTED) {
+      break;
+    } else if (*got == FI_CONNREQ) {
+      fi_reject(pep, ev.entry().info->handle, nullptr, 0);
+      fi_freeinfo(ev.entry().info);
+    } else {
+      s = absl::UnavailableError("unexpected connection event");
+    }
+  }
+  fi_close(&pep->fid);
+  if (s.ok()) s = PostDropWatch();
+  return s;
+}
+
 absl::Status InsertPeer(EndpointCore* ep, const std::string& name) {
-  // The provider reads an address of its own format's length: a peer's must have the length of
-  // ours (tcp: a sockaddr_in) or, on shm, be one terminated string.
-  const bool well_formed =
-      ep->fabric_->is_shm_ ? name.size() >= 2 && name.find('\0') == name.size() - 1
-                           : name.size() == ep->local_name_.size();
+  // The provider reads an address of its own format's length: a peer's must be one terminated
+  // string (shm).
+  const bool well_formed = name.size() >= 2 && name.find('\0') == name.size() - 1;
   if (!well_formed) {
     return absl::UnavailableError(absl::StrCat("the peer sent a malformed provider address (",
                                                name.size(), " bytes)"));
@@ -536,22 +601,31 @@ absl::Status InsertPeer(EndpointCore* ep, const std::string& name) {
 EndpointCore::~EndpointCore() {
   if (ep_ != nullptr) fi_close(&ep_->fid);
   if (av_ != nullptr) fi_close(&av_->fid);
+  if (eq_ != nullptr) fi_close(&eq_->fid);
   if (cq_ != nullptr) fi_close(&cq_->fid);
   if (sock_ >= 0) close(sock_);
 }
 
 void EndpointCore::Fail(absl::Status why, bool peer_gone) {
+  bool tell_refused = false;
   {
     absl::MutexLock l(&mu_);
     if (state_ != State::kOpen) return;
     state_ = State::kFailing;
     health_ = why;
+    // tcp: our provider dropped the connection, and no operation of ours failed: it refused the
+    // peer's access (or lost the connection; see kRefusedByte).
+    tell_refused = provider_dropped_ && !op_failed_;
   }
   open_.store(false, std::memory_order_release);
-  if (!peer_gone && sock_ >= 0) {
+  if (tell_refused && sock_ >= 0) {
+    (void)send(sock_, &kRefusedByte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+  }
+  if (!peer_gone && !tell_refused && sock_ >= 0) {
     // Close in order: tell the peer (EOF on its liveness socket), and keep our provider endpoint
     // open until it has closed its own (EOF back), so the peer never posts to an endpoint that is
-    // gone. shm in one process dereferences a closed peer's region and crashes otherwise.
+    // gone. shm in one process dereferences a closed peer's region and crashes otherwise. What
+    // the peer sends until then may say that it refused our access (kRefusedByte).
     shutdown(sock_, SHUT_WR);
     const absl::Time deadline = absl::Now() + kCloseLinger;
     for (;;) {
@@ -562,6 +636,9 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
       char buf[64];
       ssize_t n = recv(sock_, buf, sizeof buf, MSG_DONTWAIT);
       if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) break;
+      if (n > 0 && memchr(buf, kRefusedByte, static_cast<size_t>(n)) != nullptr) {
+        peer_refused_.store(true, std::memory_order_relaxed);
+      }
     }
   }
   Completion* chain = nullptr;
@@ -573,6 +650,8 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
     ep_ = nullptr;
     if (av_ != nullptr) fi_close(&av_->fid);
     av_ = nullptr;
+    if (eq_ != nullptr) fi_close(&eq_->fid);
+    eq_ = nullptr;
     if (cq_ != nullptr) fi_close(&cq_->fid);
     cq_ = nullptr;
     absl::MutexLock l(&mu_);
@@ -614,11 +693,6 @@ absl::StatusOr<RemoteRegion> EndpointCore::Expose(const Registration& reg, const
   }
   if (!AccessCovers(reg.access, rights) || reg.remote_key == 0) {
     return absl::PermissionDeniedError("registration lacks the remote rights asked for");
-  }
-  if (rights == kAccessRemoteWrite && fabric_->remote_read_always_ &&
-      !fabric_->options_.allow_readable_write_only) {
-    return absl::FailedPreconditionError(
-        "this provider lets every registered key read its region: write-only exposure refused");
   }
   if (!connected()) return health();
   RemoteRegion r;
@@ -671,11 +745,23 @@ absl::StatusOr<std::unique_ptr<Endpoint>> ListenerCore::Accept() {
     uint64_t id = RandomU64();
     absl::StatusOr<std::shared_ptr<EndpointCore>> ep = core->NewEndpoint(fd, id);
     absl::Status s = ep.status();
-    if (s.ok()) s = InsertPeer(ep->get(), hello->name);
-    if (s.ok()) s = SendHello(fd, core->provider_name_, (*ep)->local_name_, id);
+    bool hello_sent = false;
+    if (s.ok() && core->msg_) {
+      // tcp: the peer sent its token; our hello names the passive endpoint it connects to.
+      if (hello->name.size() != kTokenSize) {
+        s = absl::UnavailableError(absl::StrCat("the peer sent a malformed connection token (",
+                                                hello->name.size(), " bytes)"));
+      } else {
+        s = (*ep)->AcceptProvider(hello->name, &hello_sent);
+      }
+    } else if (s.ok()) {
+      s = InsertPeer(ep->get(), hello->name);
+      if (s.ok()) s = SendHello(fd, core->provider_name_, (*ep)->local_name_, id);
+      hello_sent = s.ok();
+    }
     if (!s.ok()) {
       if (ep.ok()) (*ep)->sock_ = -1;
-      SendRefusal(fd, core->provider_name_, s);
+      if (!hello_sent) SendRefusal(fd, core->provider_name_, s);
       close(fd);
       return s;
     }
@@ -734,7 +820,13 @@ absl::StatusOr<std::shared_ptr<EndpointCore>> ConnectOn(FabricCore* core, const 
   if (!fd.ok()) return fd.status();
   absl::StatusOr<std::shared_ptr<EndpointCore>> ep = core->NewEndpoint(*fd, 0);
   absl::Status s = ep.status();
-  if (s.ok()) s = SendHello(*fd, core->provider_name_, (*ep)->local_name_, 0);
+  // tcp: our hello carries the token our provider connection request will carry too.
+  std::string token;
+  for (size_t i = 0; core->msg_ && i < kTokenSize; i += sizeof(uint64_t)) {
+    const uint64_t r = RandomU64();
+    token.append(reinterpret_cast<const char*>(&r), sizeof r);
+  }
+  if (s.ok()) s = SendHello(*fd, core->provider_name_, core->msg_ ? token : (*ep)->local_name_, 0);
   absl::StatusOr<Hello> hello;
   if (s.ok()) {
     hello = RecvHello(*fd);
@@ -744,7 +836,10 @@ absl::StatusOr<std::shared_ptr<EndpointCore>> ConnectOn(FabricCore* core, const 
     s = absl::FailedPreconditionError(absl::StrCat("peer runs provider ", hello->provider,
                                                    ", this side ", core->provider_name_));
   }
-  if (s.ok()) s = InsertPeer(ep->get(), hello->name);
+  if (s.ok()) {
+    s = core->msg_ ? (*ep)->ConnectProvider(hello->name, token)
+                   : InsertPeer(ep->get(), hello->name);
+  }
   if (!s.ok()) {
     if (ep.ok()) (*ep)->sock_ = -1;
     close(*fd);

@@ -30,7 +30,7 @@ CacheStats CacheStatsForTest();
 // Deregisters what the cache queued for its reclaimer (RegistrationCache::Flush).
 void FlushCacheForTest();
 
-// The libfabric provider in use ("tcp;ofi_rxm", "shm"); empty before WSPStartupEx.
+// The libfabric provider in use ("tcp", "shm"); empty before WSPStartupEx.
 std::string ProviderForTest();
 
 // RDMA registrations (descriptors) alive now.
