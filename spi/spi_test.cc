@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "datapath/remote_region.h"
+#include "regcache/registrar.h"
 #include "spi/internal/spi_internal.h"
 #include "spi/ws2san.h"
 
@@ -574,6 +576,56 @@ TEST_F(SpiTest, WriteOnlyMemoryIsNeverReadable) {
   EXPECT_EQ(Rdma(false, client_, dst.data(), 4096, h, desc, 0, &ov), SOCKET_ERROR);
   EXPECT_NE(err_, WSA_IO_PENDING);
   EXPECT_EQ(std::memcmp(dst.data(), std::vector<char>(4096, 0).data(), 4096), 0);
+}
+
+// The same rule against a peer that forges the descriptor (its checksum catches corruption, not
+// forgery): MEM_WRITE memory's descriptor given read rights passes the initiator's checks, and the
+// target's provider must refuse the read. On tcp, whatever SANREG_FABRIC says: tcp's RDM endpoints
+// (tcp;ofi_rxm) make every registration readable, so this is what tcp must be seen to hold.
+TEST_F(SpiTest, WriteOnlyMemoryIsNotReadableWithAForgedDescriptorOnTcp) {
+  ASSERT_EQ(p_.lpWSPCleanup(&err_), 0);
+  started_ = false;
+  const char* env = std::getenv("SANREG_FABRIC");
+  const std::string saved = env != nullptr ? env : "";
+  unsetenv("SANREG_FABRIC");
+  WSAPROTOCOL_INFOW info{};
+  info.szProtocol[0] = 't';
+  info.szProtocol[1] = 'c';
+  info.szProtocol[2] = 'p';
+  WSPUPCALLTABLEEX up{};
+  up.lpWPUCompleteOverlappedRequest = &Upcall;
+  const int started = WSPStartupEx(SANREG_WSP_VERSION, nullptr, &info, &up, &p_);
+  if (env != nullptr) setenv("SANREG_FABRIC", saved.c_str(), 1);
+  ASSERT_EQ(started, 0);
+  started_ = true;
+  ASSERT_EQ(sanreg::spi::internal::ProviderForTest(), "tcp");
+  MakePair(&client_, &server_);
+  ASSERT_NE(client_, INVALID_SOCKET);
+
+  Mapped src(4096), dst(4096), tgt(4096);
+  HANDLE from = Register(client_, src.data(), 4096, MEM_READ);
+  HANDLE into = Register(client_, dst.data(), 4096, MEM_WRITE);
+  std::vector<uint8_t> desc = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
+  // The peer may write it.
+  src.Fill(3);
+  ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 4096, from, desc), 0u);
+  ASSERT_EQ(std::memcmp(tgt.data(), src.data(), 4096), 0);
+  // It may not read it, with a descriptor that says it may.
+  tgt.Fill(8);
+  std::memset(dst.data(), 0x5a, 4096);
+  absl::StatusOr<sanreg::RemoteRegion> region = sanreg::RemoteRegion::Parse(desc);
+  ASSERT_TRUE(region.ok()) << region.status();
+  ASSERT_EQ(region->rights, uint32_t{sanreg::kAccessRemoteWrite});
+  region->rights |= sanreg::kAccessRemoteRead;
+  std::vector<uint8_t> forged(desc.size());
+  ASSERT_TRUE(region->Serialize(forged).ok());
+  const DWORD error = RdmaAndWait(false, client_, dst.data(), 4096, into, forged);
+  EXPECT_EQ(error, static_cast<DWORD>(WSAEFAULT)) << "not refused as an access: " << error;
+  EXPECT_EQ(std::memcmp(dst.data(), std::vector<char>(4096, 0x5a).data(), 4096), 0)
+      << "bytes of the peer's write-only memory were read";
+  Mapped expect(4096);
+  expect.Fill(8);
+  EXPECT_EQ(std::memcmp(tgt.data(), expect.data(), 4096), 0);
 }
 
 TEST_F(SpiTest, ReadIntoReadOnlyLocalRegistrationIsRefused) {
