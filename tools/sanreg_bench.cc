@@ -1089,7 +1089,8 @@ bool WritePlot(const std::string& path, const std::string& provider, const Confi
   std::fclose(f);
   std::string script = absl::StrCat(
       "set terminal pngcairo size 900,560\n", "set output '", path, "'\n",
-      "set title 'sanreg_bench: ", WorkloadTitle(workload), ", ", provider, "' noenhanced\n",
+      "set title 'sanreg_bench: ", WorkloadTitle(workload), ", ", provider, " via ", config.via,
+      "' noenhanced\n",
       "set logscale x 2\nset format x '%.0b %BB'\nset xlabel 'buffer size'\nset ylabel 'GB/s'\n",
       "set key top left\nset grid\nplot ", plots, "\n");
   FILE* g = popen("gnuplot 2>&1", "w");
