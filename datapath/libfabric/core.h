@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -37,7 +38,6 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "datapath/completion.h"
 #include "datapath/fabric.h"
 #include "datapath/libfabric/liveness.h"
@@ -109,7 +109,7 @@ class FabricCore {
  private:
   void ProgressLoop();  // data_path.cc
 
-  absl::Mutex mu_;
+  std::mutex mu_;
   std::vector<std::shared_ptr<EndpointCore>> endpoints_ ABSL_GUARDED_BY(mu_);
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<bool> stop_{false};
@@ -200,8 +200,8 @@ class EndpointCore {
   static void Unlink(Completion** head, Completion** tail, Completion* c);
   static void Finish(Completion* c, absl::Status s);
 
-  absl::Mutex cq_mu_;
-  mutable absl::Mutex mu_ ABSL_ACQUIRED_AFTER(cq_mu_);
+  std::mutex cq_mu_;
+  mutable std::mutex mu_;  // acquired after cq_mu_ when both are held
   State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;
   absl::Status health_ ABSL_GUARDED_BY(mu_);
   bool op_failed_ ABSL_GUARDED_BY(mu_) = false;  // the provider completed an operation in error
@@ -218,11 +218,11 @@ class EndpointCore {
 
  public:
   absl::Status health() const {
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     return health_;
   }
   bool connected() const {
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     return state_ == State::kOpen;
   }
 };

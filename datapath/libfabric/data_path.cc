@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <condition_variable>
+#include <mutex>
 
 #include "datapath/completion.h"
 #include "datapath/endpoint.h"
@@ -20,8 +22,8 @@ namespace {
 // Completion::Wait blocks on one of these, chosen by address, so that marking a Completion done
 // never touches it after the waiter may have freed it (invariant 2 of completion.h).
 struct WaitShard {
-  absl::Mutex mu;
-  absl::CondVar cv;
+  std::mutex mu;
+  std::condition_variable cv;
 };
 constexpr size_t kWaitShards = 64;
 WaitShard& ShardFor(const void* p) {
@@ -34,8 +36,8 @@ WaitShard& ShardFor(const void* p) {
 void Completion::Wait() {
   if (Done()) return;
   WaitShard& s = ShardFor(this);
-  absl::MutexLock l(&s.mu);
-  while (!Done()) s.cv.Wait(&s.mu);
+  std::unique_lock<std::mutex> l(s.mu);
+  s.cv.wait(l, [this] { return Done(); });
 }
 
 namespace internal {
@@ -49,9 +51,9 @@ void EndpointCore::Finish(Completion* c, absl::Status s) {
   c->posted_ = false;
   {
     WaitShard& sh = ShardFor(c);
-    absl::MutexLock l(&sh.mu);
+    std::lock_guard<std::mutex> l(sh.mu);
     c->done_.store(true, std::memory_order_release);
-    sh.cv.SignalAll();
+    sh.cv.notify_all();
   }
   if (cb != nullptr) cb(c, arg);
 }
@@ -178,7 +180,7 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     return health();
   }
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     if (state_ != State::kOpen) return health_;
     c->core_ = this;
     c->posted_ns_ = now;
@@ -215,9 +217,9 @@ size_t EndpointCore::Progress(int64_t now_ns) {
   bool dropped = false;
   absl::Status fail_why;
   {
-    if (!cq_mu_.TryLock()) return 0;
+    if (!cq_mu_.try_lock()) return 0;
     if (cq_ == nullptr) {
-      cq_mu_.Unlock();
+      cq_mu_.unlock();
       return 0;
     }
     fi_cq_entry entries[kBatch];
@@ -243,7 +245,7 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     } else if (got != -FI_EAGAIN) {
       fail_why = FiError("fi_cq_read", static_cast<int>(-got));
     }
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     for (size_t i = 0; i < ndone; ++i) {
       Unlink(&posted_head_, &posted_tail_, done[i]);
       --posted_count_;
@@ -266,7 +268,7 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       }
     }
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
-    cq_mu_.Unlock();
+    cq_mu_.unlock();
   }
   // Fail first, so that whoever sees the failed operation finds the connection failed too.
   if (!fail_why.ok()) Fail(std::move(fail_why));
@@ -326,7 +328,7 @@ void FabricCore::ProgressLoop() {
       std::max<int>(1, static_cast<int>(absl::ToInt64Milliseconds(options_.idle_poll)));
   while (!stop_.load(std::memory_order_relaxed)) {
     {
-      absl::MutexLock l(&mu_);
+      std::lock_guard<std::mutex> l(mu_);
       if (version_ != seen) {
         seen = version_;
         snap = endpoints_;

@@ -338,7 +338,7 @@ FabricCore::~FabricCore() {
     progress_.join();
   }
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     endpoints_.clear();
   }
   if (domain_ != nullptr) fi_close(&domain_->fid);
@@ -349,7 +349,7 @@ FabricCore::~FabricCore() {
 
 void FabricCore::AddEndpoint(std::shared_ptr<EndpointCore> ep) {
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     endpoints_.push_back(std::move(ep));
     ++version_;
   }
@@ -357,7 +357,7 @@ void FabricCore::AddEndpoint(std::shared_ptr<EndpointCore> ep) {
 }
 
 void FabricCore::RemoveEndpoint(EndpointCore* ep) {
-  absl::MutexLock l(&mu_);
+  std::lock_guard<std::mutex> l(mu_);
   for (size_t i = 0; i < endpoints_.size(); ++i) {
     if (endpoints_[i].get() == ep) {
       endpoints_.erase(endpoints_.begin() + static_cast<ptrdiff_t>(i));
@@ -609,7 +609,7 @@ EndpointCore::~EndpointCore() {
 void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   bool tell_refused = false;
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     if (state_ != State::kOpen) return;
     state_ = State::kFailing;
     health_ = why;
@@ -643,7 +643,7 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   }
   Completion* chain = nullptr;
   {
-    absl::MutexLock cl(&cq_mu_);
+    std::lock_guard<std::mutex> cl(cq_mu_);
     // Closing the provider endpoint first: afterwards it touches no buffer of ours, so the
     // operations below may complete and their memory be reused.
     if (ep_ != nullptr) fi_close(&ep_->fid);
@@ -654,7 +654,7 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
     eq_ = nullptr;
     if (cq_ != nullptr) fi_close(&cq_->fid);
     cq_ = nullptr;
-    absl::MutexLock l(&mu_);
+    std::lock_guard<std::mutex> l(mu_);
     state_ = State::kClosed;
     Completion** tail = &chain;
     for (Completion* c = posted_head_; c != nullptr; c = c->next_) {
