@@ -58,50 +58,69 @@ constexpr size_t kRegion = 16 << 20;
   _exit(0);
 }
 
-class PeerDeathTest : public ::testing::TestWithParam<const char*> {};
+class PeerDeathTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  // The target process (forked before this process starts any thread, such as the fabric's
+  // progress thread) and this side's accepted connection to it.
+  struct Target {
+    int down[2] = {-1, -1};  // this side's end is down[1]; closing it ends the target
+    int up[2] = {-1, -1};    // the target's region comes up on up[0]
+    pid_t child = -1;
+    absl::StatusOr<std::unique_ptr<Fabric>> fabric;
+    std::unique_ptr<Registrar> reg;
+    absl::StatusOr<std::unique_ptr<Listener>> listener = absl::UnknownError("not listening");
+    absl::StatusOr<std::unique_ptr<Endpoint>> ep;
+    absl::StatusOr<RemoteRegion> region;
+  };
+
+  void StartTarget(size_t max_in_flight) {
+    Target& t = target_;
+    ASSERT_EQ(pipe(t.down), 0);
+    ASSERT_EQ(pipe(t.up), 0);
+    t.child = fork();
+    ASSERT_GE(t.child, 0);
+    if (t.child == 0) {
+      close(t.down[1]);
+      close(t.up[0]);
+      RunTarget(GetParam(), t.down[0], t.up[1]);
+    }
+    close(t.down[0]);
+    close(t.up[1]);
+    FabricOptions o;
+    o.provider = GetParam();
+    o.max_in_flight = max_in_flight;
+    o.apply_env = false;
+    t.fabric = Fabric::Open(o);
+    ASSERT_TRUE(t.fabric.ok()) << t.fabric.status();
+    t.reg = (*t.fabric)->NewRegistrar(&pin_);
+    t.listener = (*t.fabric)->Listen("127.0.0.1:0");
+    ASSERT_TRUE(t.listener.ok()) << t.listener.status();
+    uint16_t port = (*t.listener)->port();
+    ASSERT_TRUE(WriteFull(t.down[1], &port, sizeof port));
+    t.ep = (*t.listener)->Accept();
+    if (!t.ep.ok()) {
+      int st = 0;
+      kill(t.child, SIGKILL);
+      waitpid(t.child, &st, 0);
+      FAIL() << t.ep.status() << "; the child "
+             << (WIFEXITED(st) ? "exited " + std::to_string(WEXITSTATUS(st)) : "was killed");
+    }
+    std::array<uint8_t, RemoteRegion::kWireSize> wire;
+    ASSERT_TRUE(ReadFull(t.up[0], wire.data(), wire.size())) << "the child failed to start";
+    t.region = RemoteRegion::Parse(wire);
+    ASSERT_TRUE(t.region.ok()) << t.region.status();
+  }
+
+  PinRegistrar pin_;  // outlives target_'s registrar
+  Target target_;
+};
 
 TEST_P(PeerDeathTest, TwoProcessesMoveDataAndSigkillFailsPendingOperations) {
-  const std::string provider = GetParam();
-  int down[2], up[2];
-  ASSERT_EQ(pipe(down), 0);
-  ASSERT_EQ(pipe(up), 0);
-  // Fork before this process starts any thread (the fabric's progress thread).
-  pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    close(down[1]);
-    close(up[0]);
-    RunTarget(provider, down[0], up[1]);
-  }
-  close(down[0]);
-  close(up[1]);
-
-  FabricOptions o;
-  o.provider = provider;
   // Every write below is handed to the provider before the kill; posting after the kill is the
   // next test's subject.
-  o.max_in_flight = 256;
-  o.apply_env = false;
-  auto fabric = Fabric::Open(o);
-  ASSERT_TRUE(fabric.ok()) << fabric.status();
-  PinRegistrar pin;
-  auto reg = (*fabric)->NewRegistrar(&pin);
-  auto listener = (*fabric)->Listen("127.0.0.1:0");
-  ASSERT_TRUE(listener.ok()) << listener.status();
-  uint16_t port = (*listener)->port();
-  ASSERT_TRUE(WriteFull(down[1], &port, sizeof port));
-  auto ep = (*listener)->Accept();
-  if (!ep.ok()) {
-    int st = 0;
-    kill(child, SIGKILL);
-    waitpid(child, &st, 0);
-    FAIL() << ep.status() << "; the child "
-           << (WIFEXITED(st) ? "exited " + std::to_string(WEXITSTATUS(st)) : "was killed");
-  }
-  std::array<uint8_t, RemoteRegion::kWireSize> wire;
-  ASSERT_TRUE(ReadFull(up[0], wire.data(), wire.size())) << "the child failed to start";
-  auto region = RemoteRegion::Parse(wire);
-  ASSERT_TRUE(region.ok()) << region.status();
+  StartTarget(256);
+  if (HasFatalFailure()) return;
+  auto& [down, up, child, fabric, reg, listener, ep, region] = target_;
   EXPECT_EQ(region->connection, (*ep)->connection_id());
 
   auto local = Buffer::Make(reg.get(), kRegion, kLocal);
@@ -173,43 +192,9 @@ TEST_P(PeerDeathTest, TwoProcessesMoveDataAndSigkillFailsPendingOperations) {
 // the posts start right after waitpid. Nothing is posted while the target dies: a post racing the
 // death can still hang in libfabric (endpoint.h), which no check before posting can prevent.
 TEST_P(PeerDeathTest, PostsAfterSigkillFailWithUnavailableWithoutHanging) {
-  const std::string provider = GetParam();
-  int down[2], up[2];
-  ASSERT_EQ(pipe(down), 0);
-  ASSERT_EQ(pipe(up), 0);
-  pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    close(down[1]);
-    close(up[0]);
-    RunTarget(provider, down[0], up[1]);
-  }
-  close(down[0]);
-  close(up[1]);
-  FabricOptions o;
-  o.provider = provider;
-  o.max_in_flight = 64;  // the rest queue, and are posted by the progress thread
-  o.apply_env = false;
-  auto fabric = Fabric::Open(o);
-  ASSERT_TRUE(fabric.ok()) << fabric.status();
-  PinRegistrar pin;
-  auto reg = (*fabric)->NewRegistrar(&pin);
-  auto listener = (*fabric)->Listen("127.0.0.1:0");
-  ASSERT_TRUE(listener.ok()) << listener.status();
-  uint16_t port = (*listener)->port();
-  ASSERT_TRUE(WriteFull(down[1], &port, sizeof port));
-  auto ep = (*listener)->Accept();
-  if (!ep.ok()) {
-    int st = 0;
-    kill(child, SIGKILL);
-    waitpid(child, &st, 0);
-    FAIL() << ep.status() << "; the child "
-           << (WIFEXITED(st) ? "exited " + std::to_string(WEXITSTATUS(st)) : "was killed");
-  }
-  std::array<uint8_t, RemoteRegion::kWireSize> wire;
-  ASSERT_TRUE(ReadFull(up[0], wire.data(), wire.size())) << "the child failed to start";
-  auto region = RemoteRegion::Parse(wire);
-  ASSERT_TRUE(region.ok()) << region.status();
+  StartTarget(64);  // the rest queue, and are posted by the progress thread
+  if (HasFatalFailure()) return;
+  auto& [down, up, child, fabric, reg, listener, ep, region] = target_;
   auto local = Buffer::Make(reg.get(), 1 << 20, kLocal);
   ASSERT_TRUE(local.ok()) << local.status();
 
