@@ -4,7 +4,8 @@
 //
 // Each benchmark is NAME/provider/op/size/depth: `depth` operations of `size` bytes are posted,
 // then all are waited for (one iteration). Sizes 64 B to 16 MiB, depth 1 (latency) and 32.
-//   raw          two RDM endpoints, each in its own fabric and domain (as sanreg's pair is); the
+//   raw          two endpoints of the type sanreg uses (shm: RDM; tcp: the native provider's
+//                connected MSG endpoints), each in its own fabric and domain (as sanreg's pair is); the
 //                caller's thread posts and reaps its own completion queue, a second thread
 //                progresses the target (polls its queue without pause), as a target in another
 //                process must be. The baseline of the ratios.
@@ -22,6 +23,7 @@
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
 #include <rdma/fi_endpoint.h>
+#include <rdma/fi_eq.h>
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 
@@ -36,6 +38,8 @@
 #include <thread>
 #include <vector>
 
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
@@ -52,52 +56,93 @@ constexpr int64_t kDepths[] = {1, 32};
 // 65 ms, the next ones under 2 ms), and at 16 MiB a short --benchmark_min_time measures a single
 // iteration.
 
-// One side of the raw loop: its own fabric, domain, endpoint, queue, address vector and buffer,
-// as a peer in another process has (two sides never share a domain, its locks or its progress).
+// One side of the raw loop: its own fabric, domain, endpoint, queue and buffer, as a peer in
+// another process has (two sides never share a domain, its locks or its progress). The endpoint
+// type is the one sanreg runs on that provider: shm FI_EP_RDM with an address vector, tcp the
+// native provider's connected FI_EP_MSG endpoints (see fabric.h), with an event queue.
 struct RawSide {
   fi_info* info = nullptr;
   fid_fabric* fabric = nullptr;
   fid_domain* domain = nullptr;
   fid_ep* ep = nullptr;
+  fid_pep* pep = nullptr;  // tcp target: the passive endpoint, until the connection is up
+  fid_eq* eq = nullptr;    // tcp
   fid_cq* cq = nullptr;
-  fid_av* av = nullptr;
+  fid_av* av = nullptr;    // shm
   fid_mr* mr = nullptr;
   std::vector<char> buf;
   char name[256] = {};
+  size_t name_len = 0;
 
+  // Opens the fabric, domain, queues and registration, and: on shm the endpoint; on tcp the
+  // initiator's unconnected endpoint, or the target's listening passive endpoint (`listen`).
   // Returns false when the provider or a call refuses.
-  bool Open(const char* prov, uint64_t access, uint64_t key) {
+  bool Open(const char* prov, uint64_t access, uint64_t key, bool listen) {
     buf.resize(kMaxSize);
+    const bool msg = std::string(prov) == "tcp";
     fi_info* h = fi_allocinfo();
     h->caps = FI_RMA | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
-    h->ep_attr->type = FI_EP_RDM;
     h->fabric_attr->prov_name = strdup(prov);
     h->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_ALLOCATED;
     h->domain_attr->threading = FI_THREAD_SAFE;
-    int rc = fi_getinfo(FI_VERSION(1, 17), nullptr, nullptr, 0, h, &info);
+    if (msg) {
+      h->ep_attr->type = FI_EP_MSG;
+      h->addr_format = FI_SOCKADDR_IN;
+      h->domain_attr->data_progress = FI_PROGRESS_MANUAL;
+      h->domain_attr->control_progress = FI_PROGRESS_MANUAL;
+    } else {
+      h->ep_attr->type = FI_EP_RDM;
+    }
+    int rc = msg ? fi_getinfo(FI_VERSION(1, 17), "127.0.0.1", "0", FI_SOURCE, h, &info)
+                 : fi_getinfo(FI_VERSION(1, 17), nullptr, nullptr, 0, h, &info);
     fi_freeinfo(h);
     if (rc) return false;
     fi_cq_attr ca = {};
     ca.format = FI_CQ_FORMAT_CONTEXT;
     ca.size = 256;
+    fi_eq_attr ea = {};
     fi_av_attr aa = {};
     aa.type = FI_AV_TABLE;
-    size_t len = sizeof name;
-    return fi_fabric(info->fabric_attr, &fabric, nullptr) == 0 &&
-           fi_domain(fabric, info, &domain, nullptr) == 0 &&
-           fi_cq_open(domain, &ca, &cq, nullptr) == 0 &&
-           fi_av_open(domain, &aa, &av, nullptr) == 0 &&
-           fi_endpoint(domain, info, &ep, nullptr) == 0 &&
-           fi_ep_bind(ep, &cq->fid, FI_TRANSMIT | FI_RECV) == 0 &&
-           fi_ep_bind(ep, &av->fid, 0) == 0 && fi_enable(ep) == 0 &&
-           fi_getname(&ep->fid, name, &len) == 0 &&
-           fi_mr_reg(domain, buf.data(), kMaxSize, access, 0, key, 0, &mr, nullptr) == 0;
+    name_len = sizeof name;
+    if (fi_fabric(info->fabric_attr, &fabric, nullptr) != 0 ||
+        fi_domain(fabric, info, &domain, nullptr) != 0 ||
+        fi_cq_open(domain, &ca, &cq, nullptr) != 0 ||
+        fi_mr_reg(domain, buf.data(), kMaxSize, access, 0, key, 0, &mr, nullptr) != 0) {
+      return false;
+    }
+    if (!msg) {
+      return fi_av_open(domain, &aa, &av, nullptr) == 0 &&
+             fi_endpoint(domain, info, &ep, nullptr) == 0 && Bind(&av->fid) &&
+             fi_getname(&ep->fid, name, &name_len) == 0;
+    }
+    if (fi_eq_open(fabric, &ea, &eq, nullptr) != 0) return false;
+    if (listen) {
+      return fi_passive_ep(fabric, info, &pep, nullptr) == 0 &&
+             fi_pep_bind(pep, &eq->fid, 0) == 0 && fi_listen(pep) == 0 &&
+             fi_getname(&pep->fid, name, &name_len) == 0;
+    }
+    return fi_endpoint(domain, info, &ep, nullptr) == 0 && Bind(&eq->fid);
+  }
+  // Binds the completion queue and `queue` (address vector or event queue), and enables.
+  bool Bind(fid* queue) {
+    return fi_ep_bind(ep, &cq->fid, FI_TRANSMIT | FI_RECV) == 0 && fi_ep_bind(ep, queue, 0) == 0 &&
+           fi_enable(ep) == 0;
+  }
+  // tcp: reads one connection event without blocking. Returns the event, or 0 when none.
+  uint32_t CmEvent(fi_eq_cm_entry* entry) {
+    uint32_t event = 0;
+    ssize_t n = fi_eq_read(eq, &event, entry, sizeof *entry, 0);
+    if (n == -FI_EAGAIN) return 0;
+    if (n < 0) abort();
+    return event;
   }
   ~RawSide() {
     if (mr) fi_close(&mr->fid);
     if (ep) fi_close(&ep->fid);
+    if (pep) fi_close(&pep->fid);
     if (av) fi_close(&av->fid);
     if (cq) fi_close(&cq->fid);
+    if (eq) fi_close(&eq->fid);
     if (domain) fi_close(&domain->fid);
     if (fabric) fi_close(&fabric->fid);
     if (info) fi_freeinfo(info);
@@ -119,11 +164,37 @@ struct Raw {
   bool ok = false;
 
   explicit Raw(const char* prov) {
+    ok = side[0].Open(prov, FI_WRITE | FI_READ, 1, false) &&
+         side[1].Open(prov, FI_REMOTE_READ | FI_REMOTE_WRITE, 2, true) &&
+         (side[1].pep != nullptr ? Connect() : InsertAddresses());
+  }
+  bool InsertAddresses() {
     fi_addr_t back;
-    ok = side[0].Open(prov, FI_WRITE | FI_READ, 1) &&
-         side[1].Open(prov, FI_REMOTE_READ | FI_REMOTE_WRITE, 2) &&
-         fi_av_insert(side[0].av, side[1].name, 1, &peer, 0, nullptr) == 1 &&
-         fi_av_insert(side[1].av, side[0].name, 1, &back, 0, nullptr) == 1;
+    return fi_av_insert(side[0].av, side[1].name, 1, &peer, 0, nullptr) == 1 &&
+           fi_av_insert(side[1].av, side[0].name, 1, &back, 0, nullptr) == 1;
+  }
+  // tcp: connects the initiator to the target's passive endpoint, driving both event queues from
+  // this thread (manual progress) until both sides report FI_CONNECTED, for up to 10 s.
+  bool Connect() {
+    if (fi_connect(side[0].ep, side[1].name, nullptr, 0) != 0) return false;
+    bool connected[2] = {false, false};
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (!(connected[0] && connected[1])) {
+      if (absl::Now() > deadline) return false;
+      fi_eq_cm_entry e = {};
+      if (side[0].CmEvent(&e) == FI_CONNECTED) connected[0] = true;
+      const uint32_t ev = side[1].CmEvent(&e);
+      if (ev == FI_CONNREQ) {
+        const bool accepted = fi_endpoint(side[1].domain, e.info, &side[1].ep, nullptr) == 0 &&
+                              side[1].Bind(&side[1].eq->fid) &&
+                              fi_accept(side[1].ep, nullptr, 0) == 0;
+        fi_freeinfo(e.info);
+        if (!accepted) return false;
+      } else if (ev == FI_CONNECTED) {
+        connected[1] = true;
+      }
+    }
+    return true;
   }
   uint64_t remote_addr() const {
     return (side[1].info->domain_attr->mr_mode & FI_MR_VIRT_ADDR)
