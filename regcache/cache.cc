@@ -590,9 +590,27 @@ void RegistrationCache::FillSlot(uintptr_t page, Region* r) {
 void RegistrationCache::MaybeGrowTable() {
   Table* t = table_.load(std::memory_order_relaxed);
   if (live_regions_ <= (size_t{1} << t->bits) || t->bits >= kMaxTableBits) return;
-  // Readers may still be in the old table: it is retired, not freed (memory stays below twice the
-  // final table's).
-  tables_.push_back(std::make_unique<Table>(t->bits + 1));
+  // The live slots move into the new table before it is published, so that no hit known to the
+  // old table takes the slow path once after the growth. With the hash's top bits as the index,
+  // old bucket i splits into new buckets 2i and 2i + 1: a streaming copy that never overflows a
+  // bucket. Slots naming dead or recycled regions are copied as they are: slots are hints, and
+  // FillSlot reuses those first. Readers may still be in the old table: it is retired, not freed
+  // (memory stays below twice the final table's).
+  auto grown = std::make_unique<Table>(t->bits + 1);
+  const size_t n = size_t{1} << t->bits;
+  for (size_t i = 0; i < n; ++i) {
+    int used[2] = {0, 0};
+    for (const Slot& slot : t->buckets[i].slots) {
+      Region* r = slot.region.load(std::memory_order_relaxed);
+      if (r == nullptr) continue;
+      const uint64_t page = slot.key.load(std::memory_order_relaxed);
+      const size_t j = BucketIndex(page, grown->bits);
+      Slot& to = grown->buckets[j].slots[used[j & 1]++];
+      to.key.store(page, std::memory_order_relaxed);
+      to.region.store(r, std::memory_order_relaxed);
+    }
+  }
+  tables_.push_back(std::move(grown));
   table_.store(tables_.back().get(), std::memory_order_release);
 }
 

@@ -5,8 +5,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "regcache/fake_registrar.h"
@@ -367,6 +371,78 @@ TEST_F(RegistrationCacheTest, RegistrarErrorIsReturnedAndNothingCached) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(failing.register_calls(), 1u) << "only kResourceExhausted is retried";
   EXPECT_EQ((*c)->Stats().regions, 0u);
+}
+
+// A registrar whose Register blocks, holding the cache lock, until Open().
+class GatedRegistrar : public FakeRegistrar {
+ public:
+  absl::StatusOr<Registration> Register(uintptr_t addr, size_t length, uint32_t access) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (gated_) {
+      waiting_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [this] { return !gated_; });
+    }
+    return FakeRegistrar::Register(addr, length, access);
+  }
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    gated_ = true;
+  }
+  void WaitUntilBlocked() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return waiting_; });
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    gated_ = false;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool gated_ = false;
+  bool waiting_ = false;
+};
+
+TEST(RegistrationCacheGrowthTest, HitsStayLockFreeAfterTheLookupTableGrows) {
+  GatedRegistrar gated;
+  RegistrationCache::Options o;
+  o.lookup_buckets = 16;  // grows 16 -> 256 buckets while 200 regions are cached
+  auto c = RegistrationCache::Create(&gated, o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  RegistrationCache& cache = **c;
+  constexpr int kRegions = 200;
+  for (int i = 0; i < kRegions; ++i) {
+    ASSERT_TRUE(cache.Acquire(kBase + 2 * i * kPage, kPage, kRead).ok());
+  }
+  // A miss now holds the cache lock inside Register: only lock-free hits can complete.
+  gated.Close();
+  std::thread miss([&] { EXPECT_TRUE(cache.Acquire(kBase - 2 * kPage, kPage, kRead).ok()); });
+  gated.WaitUntilBlocked();
+  std::mutex mu;
+  std::condition_variable cv;
+  int hits = 0;
+  std::thread hitter([&] {
+    for (int i = 0; i < kRegions; ++i) {
+      auto r = cache.Acquire(kBase + 2 * i * kPage + 64, 64, kRead);
+      EXPECT_TRUE(r.ok());
+      std::lock_guard<std::mutex> lock(mu);
+      ++hits;
+      cv.notify_all();
+    }
+  });
+  {
+    // Bounded: a hit that took the slow path waits for the lock until Open().
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait_for(lock, std::chrono::seconds(30), [&] { return hits == kRegions; });
+    EXPECT_EQ(hits, kRegions) << "hits after the table grew waited for the cache lock";
+  }
+  gated.Open();
+  miss.join();
+  hitter.join();
+  EXPECT_EQ(cache.Stats().hits, static_cast<uint64_t>(kRegions));
 }
 
 TEST_F(RegistrationCacheTest, DestructionDeregistersEverything) {

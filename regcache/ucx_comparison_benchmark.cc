@@ -250,9 +250,9 @@ double NsPerItem(std::chrono::steady_clock::time_point t0, size_t n) {
 }
 
 // Populates both caches, then makes one timed pass of hits over every region (the first pass:
-// sanreg's lookup table has grown while populating and a grown table starts empty, so the first
-// hit of a region whose slot was in an older table takes the slow path, once; UCX's page table has
-// no such state). The timed benchmarks after it measure hits in steady state.
+// each region's first hit after populating, its lines cold in the caches; sanreg's lookup table
+// grew while populating and carries its slots over when it grows). The timed benchmarks after it
+// measure hits in steady state.
 Populated& Get(int regions) {
   static std::mutex mu;
   static std::map<int, Populated> all;
