@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "absl/status/status.h"
 #include "regcache/registrar.h"
@@ -66,7 +67,9 @@ class Completion {
   // True once the operation ended; status() and bytes() are then final.
   bool Done() const { return done_.load(std::memory_order_acquire); }
 
-  // Blocks until Done(). Does not drive progress itself: the fabric's progress thread does.
+  // Blocks until Done(). First drives the operation's endpoint from the calling thread (as
+  // Endpoint::Poll does) for up to 1 ms, then sleeps while the fabric's progress thread drives it.
+  // REQUIRES: the Fabric is not destroyed before Wait returns.
   void Wait();
 
   // OK, or why the operation failed (see endpoint.h for the codes). REQUIRES: Done().
@@ -85,6 +88,9 @@ class Completion {
 
   // Operation state while in flight, owned by the endpoint (no libfabric types here).
   internal::EndpointCore* core_ = nullptr;
+  // The endpoint of the last operation, for Wait to drive; a weak reference, so that a Wait that
+  // races the endpoint's destruction finds it gone instead of freed.
+  std::weak_ptr<internal::EndpointCore> owner_;
   Completion* prev_ = nullptr;  // the endpoint's in-flight or queued list
   Completion* next_ = nullptr;
   bool is_write_ = false;

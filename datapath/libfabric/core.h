@@ -118,7 +118,7 @@ class FabricCore {
   std::thread progress_;
 };
 
-class EndpointCore {
+class EndpointCore : public std::enable_shared_from_this<EndpointCore> {
  public:
   EndpointCore(FabricCore* fabric, uint64_t connection_id) : fabric_(fabric), id_(connection_id) {}
   EndpointCore(const EndpointCore&) = delete;
@@ -248,7 +248,8 @@ inline constexpr char kWakeByte = 'W';
 // then only sees the connection end, and completes the refused operation as it would for a lost
 // peer (FI_ECANCELED, with whatever errno was last set); this byte tells the two apart.
 inline constexpr char kRefusedByte = 'R';
-// How long a wake-up keeps the target hot, and how often an initiator repeats it while busy.
+// How long a wake-up keeps the target hot, and how often an initiator repeats it while busy; also
+// how long a progress thread stays hot after its last operation.
 inline constexpr int64_t kHotWindowNs = 20'000'000;
 inline constexpr int64_t kWakeRepeatNs = 5'000'000;
 

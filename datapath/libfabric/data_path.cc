@@ -5,6 +5,7 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 #include <sched.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -26,6 +27,8 @@ struct WaitShard {
   std::condition_variable cv;
 };
 constexpr size_t kWaitShards = 64;
+// How long Completion::Wait drives its endpoint before it sleeps.
+constexpr int64_t kWaitDriveNs = 1'000'000;
 WaitShard& ShardFor(const void* p) {
   static WaitShard shards[kWaitShards];
   return shards[(reinterpret_cast<uintptr_t>(p) >> 6) % kWaitShards];
@@ -34,6 +37,27 @@ WaitShard& ShardFor(const void* p) {
 }  // namespace
 
 void Completion::Wait() {
+  if (Done()) return;
+  // Drive the endpoint from this thread for a while (as Endpoint::Poll does): most operations
+  // complete within that time, and a hand-off from the progress thread costs a sleep and a
+  // wake-up, tens of microseconds. Then sleep, handing the endpoint back to the progress thread.
+  if (std::shared_ptr<internal::EndpointCore> core = owner_.lock()) {
+    timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (uint32_t n = 1; !Done(); ++n) {
+      const int64_t now = internal::NowCoarseNs();
+      core->MarkDriven(now);
+      core->Progress(now);
+      if (n % 64 != 0) continue;
+      timespec t;
+      clock_gettime(CLOCK_MONOTONIC, &t);
+      if ((t.tv_sec - start.tv_sec) * 1'000'000'000 + (t.tv_nsec - start.tv_nsec) > kWaitDriveNs) {
+        core->MarkDriven(INT64_MIN / 2);  // the progress thread takes the endpoint back at once
+        core->fabric_->Wake();
+        break;
+      }
+    }
+  }
   if (Done()) return;
   WaitShard& s = ShardFor(this);
   std::unique_lock<std::mutex> l(s.mu);
@@ -179,6 +203,7 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     Fail(absl::UnavailableError("the peer closed the connection or died"), /*peer_gone=*/true);
     return health();
   }
+  c->owner_ = weak_from_this();  // for Completion::Wait
   {
     std::lock_guard<std::mutex> l(mu_);
     if (state_ != State::kOpen) return health_;
@@ -266,6 +291,9 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       if (fail_why.ok() && posted_head_ != nullptr && now_ns - posted_head_->posted_ns_ > timeout_ns) {
         fail_why = absl::UnavailableError("operation deadline exceeded: the peer does not answer");
       }
+      // Keep the target hot while operations are outstanding, not only when they are posted: the
+      // ones posted from the queue here, and long ones, need its progress too (shm).
+      if (posted_count_ + queued_count_ > 0) MaybeWakePeer(now_ns);
     }
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
     cq_mu_.unlock();
