@@ -5,8 +5,10 @@
 //
 // Balancing: AVL. The cache's index is read far more often than it is changed (every miss and every
 // invalidation searches it; only misses insert), and AVL keeps the height at most 1.44 log2(n),
-// lower than a red-black tree's 2 log2(n), for a few more rotations on update. Recursive insert and
-// erase keep the augmentation simple: every node on the path is recomputed on the way back up.
+// lower than a red-black tree's 2 log2(n), for a few more rotations on update. Insert (on every
+// miss) is iterative: it raises max_end on the way down and stops rebalancing on the way up as soon
+// as nothing above can change. Erase is recursive, which keeps its augmentation simple: every node
+// on the path is recomputed on the way back up.
 //
 // Ordering: nodes are ordered by (start, seq), where seq is a per-tree counter stamped at insert,
 // so equal starts are allowed and every node has a unique key (erase finds it by key, in O(log n)).
@@ -62,7 +64,33 @@ class IntervalTree {
     n->height = 1;
     n->left = n->right = nullptr;
     n->value = std::move(value);
-    root_ = InsertAt(root_, n);
+    // Iterative, with early exits (the insert is most of a cache miss's own cost): max_end is
+    // raised on the way down (an insert only raises it, and a rotation keeps a subtree's max_end);
+    // on the way back up, heights are recomputed until one is unchanged or one rotation restores
+    // the subtree's height as it was before the insert; above that point nothing changes.
+    Node** path[kMaxHeight];
+    int depth = 0;
+    Node** link = &root_;
+    while (*link != nullptr) {
+      Node* t = *link;
+      path[depth++] = link;
+      if (t->max_end < end) t->max_end = end;
+      link = Less(start, n->seq, t->start, t->seq) ? &t->left : &t->right;
+    }
+    *link = n;
+    while (depth > 0) {
+      Node** up = path[--depth];
+      Node* t = *up;
+      const int hl = Height(t->left);
+      const int hr = Height(t->right);
+      if (hl - hr > 1 || hr - hl > 1) {
+        *up = Balance(t);
+        break;
+      }
+      const int h = 1 + std::max(hl, hr);
+      if (h == t->height) break;
+      t->height = h;
+    }
     ++size_;
     return n;
   }
@@ -122,6 +150,9 @@ class IntervalTree {
     return s1 < s2 || (s1 == s2 && q1 < q2);
   }
 
+  // AVL height is below 1.45 log2(n + 2): 96 levels cover any tree that fits in memory.
+  static constexpr int kMaxHeight = 96;
+
   static void Update(Node* n) {
     n->height = 1 + std::max(Height(n->left), Height(n->right));
     n->max_end = std::max({n->end, MaxEnd(n->left), MaxEnd(n->right)});
@@ -157,16 +188,6 @@ class IntervalTree {
       return RotateLeft(n);
     }
     return n;
-  }
-
-  static Node* InsertAt(Node* t, Node* n) {
-    if (t == nullptr) return n;
-    if (Less(n->start, n->seq, t->start, t->seq)) {
-      t->left = InsertAt(t->left, n);
-    } else {
-      t->right = InsertAt(t->right, n);
-    }
-    return Balance(t);
   }
 
   // Detaches the minimum of subtree t into *min; returns the new subtree.

@@ -86,6 +86,20 @@ TEST(IntervalTreeTest, StaysBalancedUnderSortedInserts) {
   EXPECT_EQ(Overlapping(t, 10, 25), std::vector<int>{1});
 }
 
+// Insert rebalances with early exits: the invariants must hold after every single insert, in
+// ascending, descending and random order, with duplicate starts.
+TEST(IntervalTreeTest, InvariantsHoldAfterEveryInsert) {
+  std::mt19937_64 rng(TestSeed());
+  for (int order = 0; order < 3; ++order) {
+    Tree t;
+    for (int i = 0; i < 1500; ++i) {
+      uintptr_t start = order == 0 ? i : order == 1 ? 3000 - i : rng() % 500;
+      t.Insert(start, start + 1 + rng() % 700, i);
+      ASSERT_TRUE(t.CheckInvariants()) << "order " << order << " insert " << i;
+    }
+  }
+}
+
 // Model test: random inserts, erases and queries checked against a brute-force list.
 TEST(IntervalTreeTest, MatchesBruteForceModel) {
   const uint64_t seed = TestSeed();
