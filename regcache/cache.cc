@@ -164,7 +164,8 @@ absl::Status RegistrationCache::Options::ApplyEnvironment() {
   return absl::OkStatus();
 }
 
-RegistrationCache::Table::Table(int b) : bits(b), buckets(new Bucket[size_t{1} << b]) {}
+RegistrationCache::Table::Table(int b)
+    : bits(b), buckets(internal::NewMappedArray<Bucket>(size_t{1} << b)) {}
 
 absl::StatusOr<std::unique_ptr<RegistrationCache>> RegistrationCache::Create(
     Registrar* registrar, const Options& options) {
@@ -622,7 +623,7 @@ RegistrationCache::Region* RegistrationCache::AllocRegion() {
   std::lock_guard<std::mutex> lock(pool_mu_);
   if (free_ == nullptr) {
     size_t n = PoolChunkSize(pool_.size());
-    pool_.push_back(std::make_unique<Region[]>(n));
+    pool_.push_back(internal::NewMappedArray<Region>(n));
     for (size_t i = 0; i < n; ++i) {
       pool_.back()[i].next_free = free_;
       free_ = &pool_.back()[i];

@@ -63,6 +63,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "regcache/internal/mapped_array.h"
 #include "regcache/internal/region.h"
 #include "regcache/interval_tree.h"
 #include "regcache/memory_events.h"
@@ -257,7 +258,7 @@ class RegistrationCache {
   struct Table {
     explicit Table(int bits);
     int bits;
-    std::unique_ptr<Bucket[]> buckets;
+    internal::MappedArray<Bucket> buckets;  // huge pages when large (mapped_array.h)
   };
   struct HeapEntry {
     uint64_t key;
@@ -341,7 +342,8 @@ class RegistrationCache {
   std::atomic<uint64_t> stale_hits_{0};
 
   mutable std::mutex pool_mu_;                   // taken after mu_ where both are held
-  std::vector<std::unique_ptr<Region[]>> pool_;  // guarded by pool_mu_; PoolChunkSize(i) each
+  // Guarded by pool_mu_; PoolChunkSize(i) each, huge pages when large (mapped_array.h).
+  std::vector<internal::MappedArray<Region>> pool_;
   Region* free_ = nullptr;                       // guarded by pool_mu_
 
   std::mutex reclaim_mu_;
