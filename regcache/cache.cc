@@ -11,6 +11,8 @@
 #include <string>
 #include <utility>
 
+#include "absl/base/attributes.h"
+#include "absl/base/optimization.h"
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -87,6 +89,10 @@ int ThreadSlotIndex() {
   thread_local ThreadSlot slot;
   return slot.index();
 }
+
+// ThreadSlotIndex() of this thread once known, else -1. A constant-initialized thread_local: read
+// with no guard and no call on the hit path (the ThreadSlot above needs both).
+thread_local int hit_slot = -1;
 
 int LatencyBucket(uint64_t ns) {
   int b = ns == 0 ? 0 : 63 - std::countl_zero(ns);
@@ -235,8 +241,9 @@ RegistrationCache::~RegistrationCache() {
 
 static_assert(ThreadSlot::kShared == 63, "one hit counter per thread slot");
 
-void RegistrationCache::CountHit() const {
-  const int slot = ThreadSlotIndex();
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline void RegistrationCache::CountHit() const {
+  int slot = hit_slot;
+  if (ABSL_PREDICT_FALSE(slot < 0)) slot = hit_slot = ThreadSlotIndex();
   std::atomic<uint64_t>& c = hits_[slot].value;
   if (slot == ThreadSlot::kShared) {
     c.fetch_add(1, std::memory_order_relaxed);
@@ -245,9 +252,8 @@ void RegistrationCache::CountHit() const {
   }
 }
 
-RegistrationCache::Region* RegistrationCache::TryAcquireFast(uintptr_t a, uintptr_t b,
-                                                             uint32_t access,
-                                                             MissHint* hint) const {
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache::TryAcquireFast(
+    uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint) const {
   const Table* t = table_.load(std::memory_order_acquire);
   const uint64_t page = a >> page_shift_;
   const Bucket& bucket = t->buckets[BucketIndex(page, t->bits)];

@@ -341,10 +341,10 @@ class RegistrationCache {
   std::atomic<uint64_t> deregistration_failures_{0};
   std::atomic<uint64_t> stale_hits_{0};
 
-  mutable std::mutex pool_mu_;                   // taken after mu_ where both are held
+  mutable std::mutex pool_mu_;  // taken after mu_ where both are held
   // Guarded by pool_mu_; PoolChunkSize(i) each, huge pages when large (mapped_array.h).
   std::vector<internal::MappedArray<Region>> pool_;
-  Region* free_ = nullptr;                       // guarded by pool_mu_
+  Region* free_ = nullptr;  // guarded by pool_mu_
 
   std::mutex reclaim_mu_;
   std::condition_variable reclaim_cv_;

@@ -50,8 +50,8 @@ MappedArray<T> NewMappedArray(size_t n) {
     char* raw = static_cast<char*>(mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE,
                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (raw == MAP_FAILED) throw std::bad_alloc();
-    char* aligned = reinterpret_cast<char*>(
-        (reinterpret_cast<uintptr_t>(raw) + kHugePage - 1) & ~(kHugePage - 1));
+    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHugePage - 1) &
+                                            ~(kHugePage - 1));
     if (aligned > raw) munmap(raw, aligned - raw);
     if (raw + kHugePage > aligned) munmap(aligned + bytes, raw + kHugePage - aligned);
     madvise(aligned, bytes, MADV_HUGEPAGE);  // advice only: small pages work the same
