@@ -626,17 +626,22 @@ size_t RegistrationCache::PoolChunkSize(size_t i) {
 }
 
 RegistrationCache::Region* RegistrationCache::AllocRegion() {
-  std::lock_guard<std::mutex> lock(pool_mu_);
-  if (free_ == nullptr) {
-    size_t n = PoolChunkSize(pool_.size());
-    pool_.push_back(internal::NewMappedArray<Region>(n));
-    for (size_t i = 0; i < n; ++i) {
-      pool_.back()[i].next_free = free_;
-      free_ = &pool_.back()[i];
+  // A miss takes from the lock holder's own list and takes pool_mu_ only to refill it, with
+  // everything the reclaimer has freed (or a new chunk) at once.
+  if (local_free_ == nullptr) {
+    std::lock_guard<std::mutex> lock(pool_mu_);
+    if (free_ == nullptr) {
+      size_t n = PoolChunkSize(pool_.size());
+      pool_.push_back(internal::NewMappedArray<Region>(n));
+      for (size_t i = 0; i < n; ++i) {
+        pool_.back()[i].next_free = free_;
+        free_ = &pool_.back()[i];
+      }
     }
+    local_free_ = std::exchange(free_, nullptr);
   }
-  Region* r = free_;
-  free_ = r->next_free;
+  Region* r = local_free_;
+  local_free_ = r->next_free;
   return r;
 }
 

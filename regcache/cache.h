@@ -344,7 +344,8 @@ class RegistrationCache {
   mutable std::mutex pool_mu_;  // taken after mu_ where both are held
   // Guarded by pool_mu_; PoolChunkSize(i) each, huge pages when large (mapped_array.h).
   std::vector<internal::MappedArray<Region>> pool_;
-  Region* free_ = nullptr;  // guarded by pool_mu_
+  Region* free_ = nullptr;        // guarded by pool_mu_
+  Region* local_free_ = nullptr;  // free regions taken from free_ by AllocRegion; guarded by mu_
 
   std::mutex reclaim_mu_;
   std::condition_variable reclaim_cv_;

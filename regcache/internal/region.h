@@ -56,7 +56,7 @@ struct alignas(64) Region {
   uint64_t created_ticks = 0;  // when it was registered, for RegistrationCache::Regions
   // Guarded by the cache lock.
   IntervalTree<Region*>::Handle node = nullptr;
-  // Guarded by the pool lock.
+  // Guarded by the pool lock (by the cache lock while on the lock holder's own free list).
   Region* next_free = nullptr;
 };
 
