@@ -30,8 +30,10 @@
 namespace sanreg {
 
 namespace internal {
+class EndpointBackend;
 class EndpointCore;
-}
+class VerbsEndpoint;
+}  // namespace internal
 
 // One local buffer of a scatter-gather list: [addr, addr + length) inside `reg`.
 struct Sge {
@@ -79,6 +81,7 @@ class Completion {
 
  private:
   friend class internal::EndpointCore;
+  friend class internal::VerbsEndpoint;
 
   Callback callback_ = nullptr;
   void* arg_ = nullptr;
@@ -86,10 +89,11 @@ class Completion {
   absl::Status status_;
   size_t bytes_ = 0;
 
-  // Operation state while in flight, owned by the endpoint (no libfabric types here).
-  internal::EndpointCore* core_ = nullptr;
-  // The endpoint of the last operation, for Wait to drive; a weak reference, so that a Wait that
-  // races the endpoint's destruction finds it gone instead of freed.
+  // Operation state while in flight, owned by the endpoint (no libfabric or verbs types here).
+  internal::EndpointBackend* core_ = nullptr;
+  // libfabric: the endpoint of the last operation, for Wait to drive; a weak reference, so that a
+  // Wait that races the endpoint's destruction finds it gone instead of freed. Empty on verbs
+  // (its progress thread drives the endpoint).
   std::weak_ptr<internal::EndpointCore> owner_;
   Completion* prev_ = nullptr;  // the endpoint's in-flight or queued list
   Completion* next_ = nullptr;

@@ -76,9 +76,14 @@
 
 namespace sanreg {
 
+class Endpoint;
+class Listener;
+
 namespace internal {
-class EndpointCore;
-class ListenerCore;
+class EndpointBackend;
+class ListenerBackend;
+std::unique_ptr<Endpoint> WrapEndpoint(std::shared_ptr<EndpointBackend> core);
+std::unique_ptr<Listener> WrapListener(std::unique_ptr<ListenerBackend> core);
 }  // namespace internal
 
 class Endpoint {
@@ -93,6 +98,14 @@ class Endpoint {
   // enforces `rights` on tcp and shm (see the file comment).
   absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
                                       uint32_t rights, uint64_t generation = 0) const;
+
+  // Revokes a descriptor Expose returned: afterwards the peer's accesses through it fail, and the
+  // registration stays registered and pinned. Verbs: invalidates the descriptor's memory window
+  // (or, on a device without type 2 windows, registers the range again, which revokes every
+  // descriptor of that registration). Returns kUnimplemented on libfabric (Deregister revokes
+  // there), kNotFound for a descriptor this endpoint did not expose or already revoked.
+  // REQUIRES (verbs without windows): no local operation uses the registration meanwhile.
+  absl::Status Revoke(const RemoteRegion& region);
 
   // Writes `sg`, in order, to `dst` starting at byte `offset`. See the file comment for errors.
   // REQUIRES: the buffers stay registered and unchanged until `c` is Done().
@@ -116,7 +129,7 @@ class Endpoint {
   absl::Status health() const;
   // Shared by both ends of the connection; stamped into the descriptors it exposes.
   uint64_t connection_id() const;
-  // The libfabric provider this connection runs on ("tcp", "shm"): with "auto" it
+  // The provider this connection runs on ("tcp", "shm", "verbs:<device>"): with "auto" it
   // depends on where the peer is (see fabric.h).
   const std::string& provider_name() const;
   size_t max_in_flight() const;
@@ -124,10 +137,10 @@ class Endpoint {
   size_t pending() const;
 
  private:
-  friend class internal::ListenerCore;
-  friend class Fabric;
-  explicit Endpoint(std::shared_ptr<internal::EndpointCore> core);
-  std::shared_ptr<internal::EndpointCore> core_;
+  friend std::unique_ptr<Endpoint> internal::WrapEndpoint(
+      std::shared_ptr<internal::EndpointBackend> core);
+  explicit Endpoint(std::shared_ptr<internal::EndpointBackend> core);
+  std::shared_ptr<internal::EndpointBackend> core_;
 };
 
 class Listener {
@@ -148,9 +161,10 @@ class Listener {
   void Close();
 
  private:
-  friend class Fabric;
-  explicit Listener(std::unique_ptr<internal::ListenerCore> core);
-  std::unique_ptr<internal::ListenerCore> core_;
+  friend std::unique_ptr<Listener> internal::WrapListener(
+      std::unique_ptr<internal::ListenerBackend> core);
+  explicit Listener(std::unique_ptr<internal::ListenerBackend> core);
+  std::unique_ptr<internal::ListenerBackend> core_;
 };
 
 }  // namespace sanreg

@@ -1,4 +1,6 @@
-// endpoint_test.cc: Write and Read between two endpoints in one process, on tcp and on shm.
+// endpoint_test.cc: the data path's backend-independent suite: Write and Read between two
+// endpoints in one process, on libfabric tcp, shm and "auto", and on the verbs backend over the
+// in-process fake device ("verbs-fake"). verbs_device_test runs the same suite on a real device.
 
 #include "datapath/endpoint.h"
 
@@ -13,6 +15,7 @@
 
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
+#include "datapath/verbs/fake_device.h"
 #include "regcache/pin_registrar.h"
 
 namespace sanreg {
@@ -31,6 +34,16 @@ class EndpointTest : public ::testing::TestWithParam<const char*> {
     o.provider = GetParam();
     o.max_in_flight = 16;  // small, so that queueing is exercised
     o.apply_env = false;
+    if (o.provider == "verbs-fake") {
+      internal::FakeDevice::Get().Reset();
+      o.provider = "verbs";
+      o.verbs_api = internal::FakeDevice::Api();
+    }
+#ifdef SANREG_VERBS_DEVICE_TEST
+    // verbs_device_test: the first real device with an active port (rdmacm resolves loopback to it).
+    o.provider = "verbs";
+    o.verbs_api = nullptr;
+#endif
     absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(o);
     ASSERT_TRUE(p.ok()) << p.status();
     pair_ = std::make_unique<ConnectedPair>(*std::move(p));
@@ -317,9 +330,19 @@ TEST_P(EndpointTest, WaitersReturnWhenTheEndpointIsDestroyedUnderThem) {
 
 // "auto" between two fabrics of this process: the pair connects over loopback, so it runs shm with
 // the registrations made in both of each fabric's domains.
-INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest, ::testing::Values("tcp", "shm", "auto"),
-                         [](const auto& info) { return std::string(info.param); });
+#ifndef SANREG_VERBS_DEVICE_TEST
+INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest,
+                         ::testing::Values("tcp", "shm", "auto", "verbs-fake"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           for (char& ch : name) ch = ch == '-' ? '_' : ch;
+                           return name;
+                         });
+#else
+INSTANTIATE_TEST_SUITE_P(Device, EndpointTest, ::testing::Values("verbs"));
+#endif
 
+#ifndef SANREG_VERBS_DEVICE_TEST
 // "auto" picks shm for a peer on this host, and tcp when the listener runs only tcp.
 TEST(AutoProviderTest, PicksShmForALocalPeerAndFallsBackToTcp) {
   FabricOptions o;
@@ -384,6 +407,8 @@ TEST(AutoProviderTest, PicksShmForALocalPeerAndFallsBackToTcp) {
   src->reset();
   tgt->reset();
 }
+
+#endif  // SANREG_VERBS_DEVICE_TEST
 
 }  // namespace
 }  // namespace sanreg

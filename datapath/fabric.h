@@ -23,6 +23,10 @@
 // that carries the token the connecting side sent. (tcp's FI_EP_RDM, tcp;ofi_rxm in libfabric
 // 1.17, makes every registration remotely readable; the native endpoints enforce both rights.)
 //
+// Verbs ("verbs", "verbs:<device>"): rdma-core RC queue pairs connected through rdmacm; see
+// datapath/verbs/verbs_backend.h. Listen and Connect then take addresses of the RDMA device's IP
+// interface (IPoIB, RoCE).
+//
 // Thread-safety: all methods are thread-safe. Destroy the Fabric after every Endpoint, Listener and
 // registrar made from it.
 
@@ -42,8 +46,9 @@
 namespace sanreg {
 
 namespace internal {
-class FabricCore;
-}
+class FabricBackend;
+struct VerbsApi;
+}  // namespace internal
 
 class Endpoint;
 class Listener;
@@ -52,7 +57,9 @@ class Listener;
 // `apply_env` is set, are declared in one table in libfabric/setup.cc:
 //   SANREG_PROVIDER, SANREG_MAX_IN_FLIGHT, SANREG_OP_TIMEOUT_MS, SANREG_IDLE_POLL_US.
 struct FabricOptions {
-  std::string provider = "auto";  // "tcp", "shm" or "auto"
+  // "tcp", "shm" or "auto" (libfabric); "verbs" (rdma-core: the first device with an active
+  // port) or "verbs:<device>" (that device, by its ibv name).
+  std::string provider = "auto";
   // Operations handed to the provider at once, per endpoint (clamped to the provider's tx size);
   // more are queued in order and posted as completions free room.
   size_t max_in_flight = 256;
@@ -63,20 +70,24 @@ struct FabricOptions {
   // The longest the progress thread sleeps between polls when nothing is in flight.
   absl::Duration idle_poll = absl::Milliseconds(1);
   bool apply_env = true;
+  // Test hook, verbs only: the function table to run the backend on instead of rdma-core's, e.g.
+  // the in-process fake device (datapath/verbs/fake_device.h). Null: rdma-core.
+  const internal::VerbsApi* verbs_api = nullptr;
 };
 
 class Fabric {
  public:
   // Opens the provider. Returns kNotFound when the installed libfabric has no such provider with
   // one-sided RMA (tcp on FI_EP_MSG, shm on FI_EP_RDM), kInvalidArgument for an unknown name or
-  // bad options.
+  // bad options. Verbs: kUnavailable with "no RDMA device found" when there is no device (or
+  // none with an active port), kNotFound when the named device does not exist.
   static absl::StatusOr<std::unique_ptr<Fabric>> Open(FabricOptions options);
 
   ~Fabric();
   Fabric(const Fabric&) = delete;
   Fabric& operator=(const Fabric&) = delete;
 
-  // The libfabric provider in use: "tcp" or "shm".
+  // The provider in use: "tcp" or "shm" (libfabric), "verbs:<device>".
   const std::string& provider_name() const;
   const FabricOptions& options() const;
 
@@ -96,11 +107,9 @@ class Fabric {
   // when nobody answers, kFailedPrecondition when the peer runs another provider.
   absl::StatusOr<std::unique_ptr<Endpoint>> Connect(absl::string_view host_port);
 
-  internal::FabricCore* core() const { return core_.get(); }
-
  private:
-  explicit Fabric(std::unique_ptr<internal::FabricCore> core);
-  std::unique_ptr<internal::FabricCore> core_;
+  explicit Fabric(std::unique_ptr<internal::FabricBackend> core);
+  std::unique_ptr<internal::FabricBackend> core_;
 };
 
 }  // namespace sanreg

@@ -40,6 +40,7 @@
 #include "absl/status/statusor.h"
 #include "datapath/completion.h"
 #include "datapath/fabric.h"
+#include "datapath/internal/backend.h"
 #include "datapath/libfabric/liveness.h"
 #include "datapath/remote_region.h"
 
@@ -61,10 +62,17 @@ struct MrRecord {
   Registration pin;
 };
 
-class FabricCore {
+class FabricCore final : public FabricBackend {
  public:
   FabricCore() = default;
-  ~FabricCore();  // stops the progress thread, closes the domain
+  ~FabricCore() override;  // stops the progress thread, closes the domain
+
+  // FabricBackend (setup.cc, registrar.cc).
+  const std::string& provider_name() const override { return provider_name_; }
+  const FabricOptions& options() const override { return options_; }
+  std::unique_ptr<Registrar> NewRegistrar(Registrar* pinner) override;
+  absl::StatusOr<std::unique_ptr<Listener>> Listen(absl::string_view host_port) override;
+  absl::StatusOr<std::unique_ptr<Endpoint>> Connect(absl::string_view host_port) override;
 
   absl::Status Open(const FabricOptions& options);  // setup.cc
   void StartProgress();  // also local_'s
@@ -118,12 +126,21 @@ class FabricCore {
   std::thread progress_;
 };
 
-class EndpointCore : public std::enable_shared_from_this<EndpointCore> {
+class EndpointCore final : public EndpointBackend,
+                           public std::enable_shared_from_this<EndpointCore> {
  public:
   EndpointCore(FabricCore* fabric, uint64_t connection_id) : fabric_(fabric), id_(connection_id) {}
   EndpointCore(const EndpointCore&) = delete;
   EndpointCore& operator=(const EndpointCore&) = delete;
-  ~EndpointCore();
+  ~EndpointCore() override;
+
+  // EndpointBackend: Post, Poll (data_path.cc), Expose, Revoke, Close and the accessors (setup.cc).
+  size_t Poll() override;
+  absl::Status Revoke(const RemoteRegion& r) override;
+  void Close() override;
+  uint64_t connection_id() const override { return id_; }
+  const std::string& provider_name() const override { return fabric_->provider_name_; }
+  size_t max_in_flight() const override { return fabric_->max_in_flight_; }
 
   // setup.cc
   absl::Status OpenQueues();                 // the CQ, and the EQ (tcp) or the AV (shm)
@@ -136,7 +153,7 @@ class EndpointCore : public std::enable_shared_from_this<EndpointCore> {
   absl::Status AcceptProvider(const std::string& token, bool* hello_sent);
   absl::Status PostDropWatch();  // tcp, once connected: see drop_watch_
   absl::StatusOr<RemoteRegion> Expose(const Registration& reg, const void* addr, size_t length,
-                                      uint32_t rights, uint64_t generation);
+                                      uint32_t rights, uint64_t generation) override;
   // Fails the connection with `why` (kUnavailable, kCancelled, ...): closes the provider endpoint,
   // completes every pending operation with `why`, shuts the out-of-band socket. Unless
   // `peer_gone`, first waits (bounded) for the peer to close its side, noting in peer_refused_
@@ -147,13 +164,13 @@ class EndpointCore : public std::enable_shared_from_this<EndpointCore> {
 
   // data_path.cc
   absl::Status Post(bool write, std::span<const Sge> sg, const RemoteRegion& r, uint64_t offset,
-                    Completion* c);
+                    Completion* c) override;
   // Reaps completions, posts queued operations, checks the deadline. Returns operations completed.
   size_t Progress(int64_t now_ns);
   // Handles readable data on the out-of-band socket: wake-up bytes, or EOF (peer lost).
   // Returns true when the peer asked the fabric to stay hot.
   bool OnSocketReadable();
-  size_t pending() const { return pending_atomic_.load(std::memory_order_relaxed); }
+  size_t pending() const override { return pending_atomic_.load(std::memory_order_relaxed); }
   // Endpoint::Poll marks its caller as driving this endpoint; while one does (the mark is younger
   // than kDriverGraceNs on the coarse clock, so up to one clock tick, 4 ms), the progress thread
   // leaves the endpoint to it instead of spinning on it too.
@@ -185,6 +202,7 @@ class EndpointCore : public std::enable_shared_from_this<EndpointCore> {
 
  private:
   friend class sanreg::Completion;
+  friend void FinishOperation(Completion* c, absl::Status s);
   enum class State { kOpen, kFailing, kClosed };
   // Hands `c` to the provider. Returns 0, -FI_EAGAIN, or another negative fi error.
   ssize_t PostOne(Completion* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -217,21 +235,23 @@ class EndpointCore : public std::enable_shared_from_this<EndpointCore> {
   std::atomic<int64_t> driven_ns_{INT64_MIN / 2};
 
  public:
-  absl::Status health() const {
+  absl::Status health() const override {
     std::lock_guard<std::mutex> l(mu_);
     return health_;
   }
-  bool connected() const {
+  bool connected() const override {
     std::lock_guard<std::mutex> l(mu_);
     return state_ == State::kOpen;
   }
 };
 
-class ListenerCore {
+class ListenerCore final : public ListenerBackend {
  public:
-  ~ListenerCore();
-  absl::StatusOr<std::unique_ptr<Endpoint>> Accept();
-  void Close();
+  ~ListenerCore() override;
+  absl::StatusOr<std::unique_ptr<Endpoint>> Accept() override;
+  void Close() override;
+  std::string address() const override;
+  uint16_t port() const override;
 
   FabricCore* fabric_ = nullptr;
   int fd_ = -1;

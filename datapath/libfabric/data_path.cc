@@ -82,6 +82,8 @@ void EndpointCore::Finish(Completion* c, absl::Status s) {
   if (cb != nullptr) cb(c, arg);
 }
 
+void FinishOperation(Completion* c, absl::Status s) { EndpointCore::Finish(c, std::move(s)); }
+
 void EndpointCore::Link(Completion** head, Completion** tail, Completion* c) {
   c->next_ = nullptr;
   c->prev_ = *tail;
@@ -411,22 +413,11 @@ void FabricCore::ProgressLoop() {
   }
 }
 
+size_t EndpointCore::Poll() {
+  const int64_t now = NowCoarseNs();
+  MarkDriven(now);
+  return Progress(now);
+}
+
 }  // namespace internal
-
-absl::Status Endpoint::Write(std::span<const Sge> sg, const RemoteRegion& dst, uint64_t offset,
-                             Completion* c) {
-  return core_->Post(true, sg, dst, offset, c);
-}
-
-absl::Status Endpoint::Read(std::span<const Sge> sg, const RemoteRegion& src, uint64_t offset,
-                            Completion* c) {
-  return core_->Post(false, sg, src, offset, c);
-}
-
-size_t Endpoint::Poll() {
-  const int64_t now = internal::NowCoarseNs();
-  core_->MarkDriven(now);
-  return core_->Progress(now);
-}
-
 }  // namespace sanreg

@@ -90,10 +90,10 @@ class LibfabricRegistrar : public Registrar {
 };
 
 }  // namespace
-}  // namespace internal
 
-std::unique_ptr<Registrar> Fabric::NewRegistrar(Registrar* pinner) {
-  return std::make_unique<internal::LibfabricRegistrar>(core_.get(), pinner);
+std::unique_ptr<Registrar> FabricCore::NewRegistrar(Registrar* pinner) {
+  return std::make_unique<LibfabricRegistrar>(this, pinner);
 }
 
+}  // namespace internal
 }  // namespace sanreg

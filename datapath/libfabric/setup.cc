@@ -238,16 +238,18 @@ int64_t NowCoarseNs() {
   return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
-absl::Status FabricCore::Open(const FabricOptions& options) {
-  options_ = options;
-  if (options_.apply_env) {
-    for (const EnvOverride& e : kEnvOverrides) {
-      const char* v = getenv(e.name);
-      if (v != nullptr && !e.apply(options_, v)) {
-        return absl::InvalidArgumentError(absl::StrCat("bad value for ", e.name, ": ", v));
-      }
+absl::Status ApplyEnvOverrides(FabricOptions* o) {
+  for (const EnvOverride& e : kEnvOverrides) {
+    const char* v = getenv(e.name);
+    if (v != nullptr && !e.apply(*o, v)) {
+      return absl::InvalidArgumentError(absl::StrCat("bad value for ", e.name, ": ", v));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status FabricCore::Open(const FabricOptions& options) {
+  options_ = options;  // Fabric::Open applied the environment overrides
   std::string prov = options_.provider;
   if (prov == "auto") prov = "tcp";
   if (prov != "tcp" && prov != "shm") {
@@ -767,7 +769,7 @@ absl::StatusOr<std::unique_ptr<Endpoint>> ListenerCore::Accept() {
     }
     (*ep)->open_.store(true);
     core->AddEndpoint(*ep);
-    return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
+    return WrapEndpoint(*std::move(ep));
   }
 }
 
@@ -781,38 +783,26 @@ ListenerCore::~ListenerCore() {
   if (fd_ >= 0) close(fd_);
 }
 
-}  // namespace internal
-
-// ---- public wrappers ----
-
-Fabric::Fabric(std::unique_ptr<internal::FabricCore> core) : core_(std::move(core)) {}
-Fabric::~Fabric() = default;
-
-absl::StatusOr<std::unique_ptr<Fabric>> Fabric::Open(FabricOptions options) {
-  auto core = std::make_unique<internal::FabricCore>();
+absl::StatusOr<std::unique_ptr<FabricBackend>> OpenLibfabric(const FabricOptions& options) {
+  auto core = std::make_unique<FabricCore>();
   absl::Status s = core->Open(options);
   if (!s.ok()) return s;
   core->StartProgress();
-  return std::unique_ptr<Fabric>(new Fabric(std::move(core)));
+  return std::unique_ptr<FabricBackend>(std::move(core));
 }
 
-const std::string& Fabric::provider_name() const { return core_->provider_name_; }
-const FabricOptions& Fabric::options() const { return core_->options_; }
-
-absl::StatusOr<std::unique_ptr<Listener>> Fabric::Listen(absl::string_view host_port) {
-  absl::StatusOr<sockaddr_in> addr = internal::ParseHostPort(host_port);
+absl::StatusOr<std::unique_ptr<Listener>> FabricCore::Listen(absl::string_view host_port) {
+  absl::StatusOr<sockaddr_in> addr = ParseHostPort(host_port);
   if (!addr.ok()) return addr.status();
-  absl::StatusOr<int> fd = internal::ListenOn(*addr);
+  absl::StatusOr<int> fd = ListenOn(*addr);
   if (!fd.ok()) return fd.status();
-  auto core = std::make_unique<internal::ListenerCore>();
-  core->fabric_ = core_.get();
+  auto core = std::make_unique<ListenerCore>();
+  core->fabric_ = this;
   core->fd_ = *fd;
   socklen_t len = sizeof core->addr_;
   getsockname(*fd, reinterpret_cast<sockaddr*>(&core->addr_), &len);
-  return std::unique_ptr<Listener>(new Listener(std::move(core)));
+  return WrapListener(std::move(core));
 }
-
-namespace internal {
 
 // Connects `core`'s provider to the listener at `addr`.
 absl::StatusOr<std::shared_ptr<EndpointCore>> ConnectOn(FabricCore* core, const sockaddr_in& addr) {
@@ -851,44 +841,30 @@ absl::StatusOr<std::shared_ptr<EndpointCore>> ConnectOn(FabricCore* core, const 
   return ep;
 }
 
-}  // namespace internal
-
-absl::StatusOr<std::unique_ptr<Endpoint>> Fabric::Connect(absl::string_view host_port) {
-  absl::StatusOr<sockaddr_in> addr = internal::ParseHostPort(host_port);
+absl::StatusOr<std::unique_ptr<Endpoint>> FabricCore::Connect(absl::string_view host_port) {
+  absl::StatusOr<sockaddr_in> addr = ParseHostPort(host_port);
   if (!addr.ok()) return addr.status();
-  absl::StatusOr<std::shared_ptr<internal::EndpointCore>> ep;
-  if (core_->local_ != nullptr && internal::IsLocalAddress(*addr)) {
+  absl::StatusOr<std::shared_ptr<EndpointCore>> ep;
+  if (local_ != nullptr && IsLocalAddress(*addr)) {
     // "auto", a peer on this host: shm, unless the listener does not run it.
-    ep = internal::ConnectOn(core_->local_.get(), *addr);
-    if (ep.ok()) return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
+    ep = ConnectOn(local_.get(), *addr);
+    if (ep.ok()) return WrapEndpoint(*std::move(ep));
     if (ep.status().code() != absl::StatusCode::kFailedPrecondition) return ep.status();
   }
-  ep = internal::ConnectOn(core_.get(), *addr);
+  ep = ConnectOn(this, *addr);
   if (!ep.ok()) return ep.status();
-  return std::unique_ptr<Endpoint>(new Endpoint(*std::move(ep)));
+  return WrapEndpoint(*std::move(ep));
 }
 
-Listener::Listener(std::unique_ptr<internal::ListenerCore> core) : core_(std::move(core)) {}
-Listener::~Listener() = default;
-absl::StatusOr<std::unique_ptr<Endpoint>> Listener::Accept() { return core_->Accept(); }
-std::string Listener::address() const { return internal::FormatHostPort(core_->addr_); }
-uint16_t Listener::port() const { return ntohs(core_->addr_.sin_port); }
-void Listener::Close() { core_->Close(); }
+std::string ListenerCore::address() const { return FormatHostPort(addr_); }
+uint16_t ListenerCore::port() const { return ntohs(addr_.sin_port); }
 
-Endpoint::Endpoint(std::shared_ptr<internal::EndpointCore> core) : core_(std::move(core)) {}
-Endpoint::~Endpoint() { Close(); }
+void EndpointCore::Close() { Fail(absl::CancelledError("endpoint closed")); }
 
-absl::StatusOr<RemoteRegion> Endpoint::Expose(const Registration& reg, const void* addr,
-                                              size_t length, uint32_t rights,
-                                              uint64_t generation) const {
-  return core_->Expose(reg, addr, length, rights, generation);
+absl::Status EndpointCore::Revoke(const RemoteRegion& r) {
+  return absl::UnimplementedError(
+      "libfabric: revoking a descriptor means deregistering its registration");
 }
-void Endpoint::Close() { core_->Fail(absl::CancelledError("endpoint closed")); }
-bool Endpoint::connected() const { return core_->connected(); }
-absl::Status Endpoint::health() const { return core_->health(); }
-uint64_t Endpoint::connection_id() const { return core_->id_; }
-const std::string& Endpoint::provider_name() const { return core_->fabric_->provider_name_; }
-size_t Endpoint::max_in_flight() const { return core_->fabric_->max_in_flight_; }
-size_t Endpoint::pending() const { return core_->pending(); }
 
+}  // namespace internal
 }  // namespace sanreg

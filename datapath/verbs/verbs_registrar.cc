@@ -77,15 +77,15 @@ absl::Status VerbsRegistrar::Deregister(const Registration& reg) {
   return s.ok() ? u : s;
 }
 
-absl::Status VerbsRegistrar::Reregister(VerbsMr* rec) {
+absl::Status VerbsRegistrar::Reregister(const VerbsApi* api, ibv_pd* pd, VerbsMr* rec) {
   std::lock_guard<std::mutex> l(rec->mu);
   if (rec->mr == nullptr) return absl::FailedPreconditionError("registration is gone");
   void* addr = rec->mr->addr;
   const size_t length = rec->mr->length;
-  absl::Status s = CallStatus("ibv_dereg_mr", api_->dereg_mr(rec->mr));
+  absl::Status s = CallStatus("ibv_dereg_mr", api->dereg_mr(rec->mr));
   if (!s.ok()) return s;
   rec->mr = nullptr;
-  ibv_mr* mr = api_->reg_mr(pd_, addr, length, rec->access);
+  ibv_mr* mr = api->reg_mr(pd, addr, length, rec->access);
   if (mr == nullptr) return VerbsError("ibv_reg_mr", errno);
   rec->mr = mr;
   rec->lkey.store(mr->lkey, std::memory_order_relaxed);

@@ -60,10 +60,10 @@ class VerbsRegistrar : public Registrar {
   // The ibv access flags Register uses for `access`.
   static int AccessFlags(uint32_t access, bool memory_windows);
 
-  // Without memory windows: deregisters and registers `rec`'s range again, so that every rkey
-  // handed out for it stops working; the pages stay pinned.
+  // Without memory windows: deregisters and registers `rec`'s range again in `pd`, so that every
+  // rkey handed out for it stops working; the pages stay pinned.
   // REQUIRES: no local operation uses the registration meanwhile (its lkey changes too).
-  absl::Status Reregister(VerbsMr* rec);
+  static absl::Status Reregister(const VerbsApi* api, ibv_pd* pd, VerbsMr* rec);
 
  private:
   const VerbsApi* const api_;

@@ -99,7 +99,7 @@ TEST_F(VerbsRegistrarTest, ReregisterChangesEveryKeyAndKeepsThePin) {
   ASSERT_TRUE(reg.ok()) << reg.status();
   auto* rec = reinterpret_cast<VerbsMr*>(reg->handle);
   const uint32_t old_lkey = rec->lkey.load();
-  ASSERT_TRUE(r.Reregister(rec).ok());
+  ASSERT_TRUE(VerbsRegistrar::Reregister(api_, pd_, rec).ok());
   EXPECT_NE(rec->lkey.load(), old_lkey);
   {
     std::lock_guard<std::mutex> l(rec->mu);
