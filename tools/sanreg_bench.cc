@@ -69,7 +69,9 @@
 #include "spi/ws2san.h"
 #include "tools/internal/cli.h"
 
-ABSL_FLAG(std::string, fabric, "auto", "provider: shm, tcp, or auto (shm if it opens, else tcp)");
+ABSL_FLAG(std::string, fabric, "auto",
+          "provider: shm, tcp, auto (shm if it opens, else tcp), or verbs / verbs:<device> "
+          "(an RDMA device through rdma-core; --via=cpp)");
 ABSL_FLAG(std::string, sizes, "4KiB,64KiB,1MiB",
           "comma-separated buffer sizes (bytes, or with a KiB/MiB suffix), 1 B to 64 MiB");
 ABSL_FLAG(int64_t, ops, 0,
@@ -167,11 +169,17 @@ struct Config {
   bool progress;
 };
 
+// "verbs" or "verbs:<device>".
+bool IsVerbs(const std::string& fabric) {
+  return fabric == "verbs" || (fabric.rfind("verbs:", 0) == 0 && fabric.size() > 6);
+}
+
 Config ValidatedConfig() {
   Config c;
   c.fabric = absl::GetFlag(FLAGS_fabric);
-  if (c.fabric != "auto" && c.fabric != "shm" && c.fabric != "tcp") {
-    Usage(absl::StrCat("bad value '", c.fabric, "' for --fabric: expected shm, tcp or auto"));
+  if (c.fabric != "auto" && c.fabric != "shm" && c.fabric != "tcp" && !IsVerbs(c.fabric)) {
+    Usage(absl::StrCat("bad value '", c.fabric,
+                       "' for --fabric: expected shm, tcp, auto, verbs or verbs:<device>"));
   }
   for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_sizes), ',')) {
     size_t s;
@@ -200,6 +208,7 @@ Config ValidatedConfig() {
   if (c.via != "cpp" && c.via != "spi") {
     Usage(absl::StrCat("bad value '", c.via, "' for --via: expected cpp or spi"));
   }
+  if (c.via == "spi" && IsVerbs(c.fabric)) Usage("--fabric=verbs runs --via=cpp only");
   if (c.via == "spi" && *std::max_element(c.sizes.begin(), c.sizes.end()) > kSpiMaxSize) {
     Usage("--via=spi takes sizes up to 16 MiB (the SPI's SO_MAX_RDMA_SIZE)");
   }
@@ -300,7 +309,9 @@ absl::Status SpiExtensions(SOCKET s, SpiFunctions* fns) {
   FabricOptions o;
   o.apply_env = false;
   std::unique_ptr<Fabric> f;
-  for (const char* p : {"shm", "tcp"}) {
+  const std::vector<std::string> tries =
+      IsVerbs(fabric) ? std::vector<std::string>{fabric} : std::vector<std::string>{"shm", "tcp"};
+  for (const std::string& p : tries) {
     if (fabric != "auto" && fabric != p) continue;
     o.provider = p;
     auto opened = Fabric::Open(o);
@@ -308,7 +319,8 @@ absl::Status SpiExtensions(SOCKET s, SpiFunctions* fns) {
       f = *std::move(opened);
       break;
     }
-    std::fprintf(stderr, "sanreg_bench: target: %s: %s\n", p, opened.status().ToString().c_str());
+    std::fprintf(stderr, "sanreg_bench: target: %s: %s\n", p.c_str(),
+                 opened.status().ToString().c_str());
   }
   if (f == nullptr) _exit(3);
   uint32_t n = static_cast<uint32_t>(o.provider.size());
@@ -1105,7 +1117,7 @@ int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "pin-down workloads: RDMA writes from buffers registered per operation (nocache), through "
       "sanreg's cache (cache) or once up front (prereg), between two processes.\n"
-      "Usage: sanreg_bench [--fabric=shm|tcp|auto] [--sizes=4KiB,1MiB] [--ops=N|--duration=S] "
+      "Usage: sanreg_bench [--fabric=shm|tcp|auto|verbs[:DEVICE]] [--sizes=4KiB,1MiB] [--ops=N|--duration=S] "
       "[--threads=N] [--workload=reuse,churn,evict] [--mode=nocache,cache,prereg] "
       "[--via=cpp|spi] [--json=FILE] [--csv=FILE] [--plot=FILE.png]");
   tools::PrecheckArgs("sanreg_bench", argc, argv);
@@ -1121,6 +1133,20 @@ int Main(int argc, char** argv) {
     // The provider is --fabric's, passed in the protocol info: no environment override of it.
     unsetenv("SANREG_FABRIC");
     unsetenv("SANREG_PROVIDER");
+  }
+
+  if (IsVerbs(config.fabric)) {
+    // Say plainly when there is no RDMA device, before starting a target. The fabric (and its
+    // progress thread) is gone again before the fork below.
+    FabricOptions o;
+    o.provider = config.fabric;
+    o.apply_env = false;
+    absl::StatusOr<std::unique_ptr<Fabric>> f = Fabric::Open(o);
+    if (!f.ok()) {
+      std::fprintf(stderr, "sanreg_bench: --fabric=%s: %s\n", config.fabric.c_str(),
+                   std::string(f.status().message()).c_str());
+      return 1;
+    }
   }
 
   int down[2], up[2];

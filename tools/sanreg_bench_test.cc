@@ -184,6 +184,7 @@ TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
                                              {"--threads=0"},
                                              {"--via=rpc"},
                                              {"--via=spi", "--sizes=32MiB"},
+                                             {"--via=spi", "--fabric=verbs"},
                                              {"--plot=out.svg"},
                                              {"stray"}}) {
     RunResult r = RunBench(args);
@@ -193,6 +194,15 @@ TEST(SanregBenchTest, BadFlagsExitTwoWithOneLine) {
     EXPECT_EQ(r.err.rfind("sanreg_bench: ", 0), 0u) << r.err;
     EXPECT_TRUE(r.out.empty()) << r.out;
   }
+}
+
+// The build machines have no RDMA device: --fabric=verbs says so in one line and fails.
+TEST(SanregBenchTest, VerbsWithoutADeviceSaysSoPlainly) {
+  RunResult r = RunBench({"--fabric=verbs", "--ops=10"});
+  if (r.exit_code == 0) GTEST_SKIP() << "this machine has an RDMA device";
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_EQ(r.err, "sanreg_bench: --fabric=verbs: no RDMA device found\n");
+  EXPECT_TRUE(r.out.empty()) << r.out;
 }
 
 TEST(SanregBenchTest, HelpDescribesTheFlags) {
