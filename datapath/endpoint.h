@@ -56,6 +56,8 @@
 // Invariants:
 //   1. At most max_in_flight() operations are with the provider; the rest wait in a FIFO queue and
 //      are posted, in order, as completions free room or -FI_EAGAIN clears. Posting never spins.
+//      A queued operation's post that fails otherwise fails the connection; one still queued after
+//      FabricOptions::op_timeout (an -FI_EAGAIN storm) fails it too.
 //   2. When the connection fails or closes, the provider endpoint is closed first (the provider no
 //      longer touches any buffer), then every pending operation completes, once.
 

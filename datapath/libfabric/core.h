@@ -207,7 +207,8 @@ class EndpointCore final : public EndpointBackend,
   // Hands `c` to the provider. Returns 0, -FI_EAGAIN, or another negative fi error.
   ssize_t PostOne(Completion* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Posts queued operations while there is room. Returns false, posting nothing, when PeerGone().
-  bool PostQueued() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stops at the first post that fails; stores its error in *post_error unless it is -FI_EAGAIN.
+  bool PostQueued(ssize_t* post_error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // True when the out-of-band socket says the peer closed or died (hang-up, error, or its FIN
   // read). One poll(2), no blocking. Quirk (libfabric 1.17, shm): a post to a peer that died while
   // holding its region's spinlock spins forever inside fi_writemsg/fi_readmsg, so on shm every

@@ -16,6 +16,7 @@
 #include "datapath/completion.h"
 #include "datapath/endpoint.h"
 #include "datapath/libfabric/core.h"
+#include "datapath/libfabric/fault_hook.h"
 
 namespace sanreg {
 namespace {
@@ -110,6 +111,7 @@ void EndpointCore::Unlink(Completion** head, Completion** tail, Completion* c) {
 }
 
 ssize_t EndpointCore::PostOne(Completion* c) {
+  if (int fault = InjectedFault(FaultSite::kPost); fault != 0) return fault;  // tests only
   fi_rma_iov rma = {c->remote_addr_, c->total_, c->remote_key_};
   fi_msg_rma msg = {};
   msg.msg_iov = c->iov_;
@@ -131,14 +133,20 @@ bool EndpointCore::PeerGone() const {
   return poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP)) != 0;
 }
 
-bool EndpointCore::PostQueued() {
+bool EndpointCore::PostQueued(ssize_t* post_error) {
   const size_t max = fabric_->max_in_flight_;
   if (queued_head_ == nullptr || posted_count_ >= max) return true;
   if (fabric_->check_peer_before_post_ && PeerGone()) return false;
   while (queued_head_ != nullptr && posted_count_ < max) {
     Completion* c = queued_head_;
     ssize_t rc = PostOne(c);
-    if (rc != 0) return true;  // -FI_EAGAIN: retried on the next progress; else the deadline fails it
+    if (rc != 0) {
+      // -FI_EAGAIN: retried on the next progress. Another error fails the connection (the caller
+      // does): retrying it would leave the operation queued until its deadline, or for ever when
+      // nothing else is posted.
+      if (rc != -FI_EAGAIN) *post_error = rc;
+      return true;
+    }
     Unlink(&queued_head_, &queued_tail_, c);
     --queued_count_;
     c->posted_ = true;
@@ -250,14 +258,24 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       return 0;
     }
     fi_cq_entry entries[kBatch];
-    ssize_t got = fi_cq_read(cq_, entries, kBatch);
+    ssize_t got = InjectedFault(FaultSite::kCqRead);  // tests only; 0 when off
+    if (got == 0) got = fi_cq_read(cq_, entries, kBatch);
     if (got > 0) {
       for (ssize_t i = 0; i < got; ++i) {
         if (entries[i].op_context == &drop_watch_) {
           fail_why = absl::UnavailableError("protocol error: the peer sent a message");
           continue;
         }
-        done[ndone++] = static_cast<Completion*>(entries[i].op_context);
+        Completion* c = static_cast<Completion*>(entries[i].op_context);
+        if (failed == nullptr) {
+          if (int fault = InjectedFault(FaultSite::kCompletion); fault != 0) {  // tests only
+            failed = c;
+            failed_err = fault;
+            fail_why = absl::UnavailableError("connection failed after an operation error");
+            continue;
+          }
+        }
+        done[ndone++] = c;
       }
     } else if (got == -FI_EAVAIL) {
       fi_cq_err_entry err = {};
@@ -286,11 +304,18 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     }
     if (dropped) provider_dropped_ = true;
     if (state_ == State::kOpen) {
-      if (!PostQueued() && fail_why.ok()) {
+      ssize_t post_error = 0;
+      if (!PostQueued(&post_error) && fail_why.ok()) {
         fail_why = absl::UnavailableError("the peer closed the connection or died");
       }
+      if (post_error != 0 && fail_why.ok()) {
+        fail_why = FiError("posting a queued operation", static_cast<int>(-post_error));
+      }
+      // The oldest operation of each list (a queued one waits out an -FI_EAGAIN storm).
       const int64_t timeout_ns = absl::ToInt64Nanoseconds(fabric_->options_.op_timeout);
-      if (fail_why.ok() && posted_head_ != nullptr && now_ns - posted_head_->posted_ns_ > timeout_ns) {
+      if (fail_why.ok() &&
+          ((posted_head_ != nullptr && now_ns - posted_head_->posted_ns_ > timeout_ns) ||
+           (queued_head_ != nullptr && now_ns - queued_head_->posted_ns_ > timeout_ns))) {
         fail_why = absl::UnavailableError("operation deadline exceeded: the peer does not answer");
       }
       // Keep the target hot while operations are outstanding, not only when they are posted: the
