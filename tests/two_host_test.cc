@@ -5,22 +5,17 @@
 //
 // Providers: "tcp", and "auto", which must pick tcp for a peer that is not on this host.
 //
-// Setup: namespaces "sanreg_2h_a_<pid>" and "sanreg_2h_b_<pid>", a veth pair between them with the
-// link-local addresses kAddrA/kAddrB (a /30 of 169.254.0.0/16: nothing outside the namespaces
-// sees them). TearDown deletes both namespaces (which deletes the veth pair), also after a failure.
-// Each side is a child forked from the (still single-threaded) test process that setns(2)s into its
-// namespace before it opens a fabric; the two children talk over pipes for the out-of-band bits
-// (the target's port, its region descriptor, "done"). The only route between the namespaces is
-// the veth pair, so the data crosses it; the test also checks the link's byte counters.
+// Setup (tests/two_hosts.h): namespaces "sanreg_2h_a_<pid>" and "sanreg_2h_b_<pid>" joined by a
+// veth pair, deleted after the test, also after a failure. Each side is a child forked from the
+// (still single-threaded) test process that enters its namespace before it opens a fabric; the two
+// children talk over pipes for the out-of-band bits (the target's port, its region descriptor,
+// "done"). The only route between the namespaces is the veth pair, so the data crosses it; the
+// test also checks the link's byte counters.
 //
 // Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and iproute2's `ip`: skipped with a message otherwise.
 // Bounded: every pipe read and the wait for the children have deadlines; a stuck child is killed.
 
-#include <fcntl.h>
-#include <poll.h>
-#include <sched.h>
 #include <signal.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -32,23 +27,23 @@
 #include <cstring>
 #include <string>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
 #include "regcache/pin_registrar.h"
+#include "tests/process_util.h"
+#include "tests/two_hosts.h"
 
 namespace sanreg {
 namespace {
 
 using testing::Buffer;
+using testing::EnterNamespace;
 
-constexpr const char* kAddrA = "169.254.77.1";  // the target's namespace
-constexpr const char* kAddrB = "169.254.77.2";  // the initiator's namespace
+constexpr const char* kAddrA = testing::kHostAddrA;  // the target's namespace
 constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
 constexpr size_t kHalf = 4 << 20;     // the target's region: [0, kHalf) its data, then ours
 constexpr size_t kRegion = 2 * kHalf;
@@ -57,59 +52,12 @@ constexpr uint32_t kFinalSeed = 99;
 constexpr absl::Duration kStepTimeout = absl::Seconds(30);
 constexpr absl::Duration kChildTimeout = absl::Seconds(90);
 
-// Runs `cmd` through the shell; returns its exit status and, in `out`, what it printed.
-int Shell(const std::string& cmd, std::string* out = nullptr) {
-  FILE* f = popen((cmd + " 2>&1").c_str(), "r");
-  if (f == nullptr) return -1;
-  char buf[512];
-  std::string text;
-  while (fgets(buf, sizeof buf, f) != nullptr) text += buf;
-  int st = pclose(f);
-  if (out != nullptr) *out = text;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 // Reads exactly `n` bytes from `fd` within `timeout`; false on EOF, error or timeout.
 bool ReadFull(int fd, void* p, size_t n, absl::Duration timeout = kStepTimeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  char* c = static_cast<char*>(p);
-  while (n > 0) {
-    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
-    if (ms <= 0) return false;
-    pollfd pfd = {fd, POLLIN, 0};
-    int r = poll(&pfd, 1, static_cast<int>(ms));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    ssize_t got = read(fd, c, n);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) return false;
-    c += got;
-    n -= static_cast<size_t>(got);
-  }
-  return true;
+  return testing::ReadWithin(fd, p, n, timeout);
 }
 
-bool WriteFull(int fd, const void* p, size_t n) {
-  const char* c = static_cast<const char*>(p);
-  while (n > 0) {
-    ssize_t w = write(fd, c, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return false;
-    c += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-
-// In a child: moves into the network namespace `ns`. Exits 10 when it cannot.
-void EnterNamespace(const std::string& ns) {
-  int fd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
-    fprintf(stderr, "setns(%s): %s\n", ns.c_str(), strerror(errno));
-    _exit(10);
-  }
-  close(fd);
-}
+bool WriteFull(int fd, const void* p, size_t n) { return testing::WriteAll(fd, p, n); }
 
 #define CHILD_CHECK(cond, code, ...)                   \
   do {                                                 \
@@ -242,34 +190,9 @@ void EnterNamespace(const std::string& ns) {
 class TwoHostTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
-    if (geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";
-    if (Shell("command -v ip") != 0) {
-      GTEST_SKIP() << "iproute2's `ip` is missing (tools/setup.sh installs it)";
-    }
-    const std::string pid = std::to_string(getpid());
-    ns_a_ = "sanreg_2h_a_" + pid;
-    ns_b_ = "sanreg_2h_b_" + pid;
-    veth_a_ = "sr2ha" + pid;  // interface names: at most 15 bytes
-    veth_b_ = "sr2hb" + pid;
-    std::string out;
-    if (Shell("ip netns add " + ns_a_, &out) != 0) {
-      GTEST_SKIP() << "cannot create a network namespace here (" << out << ")";
-    }
-    created_a_ = true;
-    ASSERT_EQ(Shell("ip netns add " + ns_b_, &out), 0) << out;
-    created_b_ = true;
-    if (Shell("ip link add " + veth_a_ + " netns " + ns_a_ + " type veth peer name " + veth_b_ +
-                  " netns " + ns_b_,
-              &out) != 0) {
-      GTEST_SKIP() << "cannot create a veth pair here (" << out << ")";
-    }
-    for (const auto& [ns, dev, addr] : {std::tuple{ns_a_, veth_a_, kAddrA},
-                                        std::tuple{ns_b_, veth_b_, kAddrB}}) {
-      ASSERT_EQ(Shell("ip -n " + ns + " link set lo up", &out), 0) << out;
-      ASSERT_EQ(Shell(absl::StrCat("ip -n ", ns, " addr add ", addr, "/30 dev ", dev), &out), 0)
-          << out;
-      ASSERT_EQ(Shell("ip -n " + ns + " link set " + dev + " up", &out), 0) << out;
-    }
+    absl::Status s = hosts_.Create("2h");
+    if (absl::IsFailedPrecondition(s)) GTEST_SKIP() << s.message();
+    ASSERT_TRUE(s.ok()) << s;
   }
 
   void TearDown() override {
@@ -280,62 +203,23 @@ class TwoHostTest : public ::testing::TestWithParam<const char*> {
         p = 0;
       }
     }
-    // Deleting a namespace deletes the veth end in it, and with it the pair.
-    if (created_a_) EXPECT_EQ(Shell("ip netns del " + ns_a_), 0);
-    if (created_b_) EXPECT_EQ(Shell("ip netns del " + ns_b_), 0);
-  }
-
-  // Bytes the veth end in `ns` has received.
-  uint64_t RxBytes(const std::string& ns, const std::string& dev) {
-    std::string out;
-    if (Shell("ip netns exec " + ns + " cat /sys/class/net/" + dev + "/statistics/rx_bytes",
-              &out) != 0) {
-      return 0;
-    }
-    uint64_t v = 0;
-    return absl::SimpleAtoi(absl::StripAsciiWhitespace(out), &v) ? v : 0;
   }
 
   // Waits for child `i` until `deadline`; returns its wait status, or kills it and returns -1.
   int Reap(int i, absl::Time deadline) {
-    pid_t p = children_[i];
-    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, p, 0));
-    if (pidfd >= 0) {
-      for (;;) {
-        const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
-        pollfd pfd = {pidfd, POLLIN, 0};
-        int r = ms > 0 ? poll(&pfd, 1, static_cast<int>(ms)) : 0;
-        if (r < 0 && errno == EINTR) continue;
-        break;
-      }
-      close(pidfd);
-    }
-    int status = 0;
-    pid_t got = waitpid(p, &status, WNOHANG);
-    if (got != p) {
-      kill(p, SIGKILL);
-      waitpid(p, nullptr, 0);
-      children_[i] = 0;
-      return -1;
-    }
+    const int status = testing::ReapBy(children_[i], deadline);
     children_[i] = 0;
     return status;
   }
 
-  std::string ns_a_, ns_b_, veth_a_, veth_b_;
-  bool created_a_ = false, created_b_ = false;
+  testing::TwoHosts hosts_;
   pid_t children_[2] = {0, 0};
 };
 
-std::string Describe(int status) {
-  if (status == -1) return "timed out (killed)";
-  if (WIFEXITED(status)) return absl::StrCat("exit code ", WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return absl::StrCat("signal ", WTERMSIG(status));
-  return "unknown";
-}
+std::string Describe(int status) { return testing::DescribeStatus(status); }
 
 TEST_P(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
-  const uint64_t rx_before = RxBytes(ns_a_, veth_a_) + RxBytes(ns_b_, veth_b_);
+  const uint64_t rx_before = hosts_.RxBytes();
   int t2i[2], i2t[2];  // target -> initiator, initiator -> target
   ASSERT_EQ(pipe2(t2i, O_CLOEXEC), 0);
   ASSERT_EQ(pipe2(i2t, O_CLOEXEC), 0);
@@ -346,14 +230,14 @@ TEST_P(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
   if (children_[0] == 0) {
     close(t2i[0]);
     close(i2t[1]);
-    RunTarget(GetParam(), ns_a_, i2t[0], t2i[1]);
+    RunTarget(GetParam(), hosts_.ns_a(), i2t[0], t2i[1]);
   }
   children_[1] = fork();
   ASSERT_GE(children_[1], 0);
   if (children_[1] == 0) {
     close(t2i[1]);
     close(i2t[0]);
-    RunInitiator(GetParam(), ns_b_, t2i[0], i2t[1]);
+    RunInitiator(GetParam(), hosts_.ns_b(), t2i[0], i2t[1]);
   }
   for (int fd : {t2i[0], t2i[1], i2t[0], i2t[1]}) close(fd);
 
@@ -365,7 +249,7 @@ TEST_P(TwoHostTest, TcpMovesDataBothWaysAcrossAVethPair) {
   EXPECT_TRUE(WIFEXITED(target) && WEXITSTATUS(target) == 0 && target != -1)
       << "target: " << Describe(target) << " (its stderr says where)";
   // Reads (and read-backs) of 10.1 MiB and writes of 9.1 MiB crossed the link, plus headers.
-  const uint64_t rx_after = RxBytes(ns_a_, veth_a_) + RxBytes(ns_b_, veth_b_);
+  const uint64_t rx_after = hosts_.RxBytes();
   EXPECT_GE(rx_after - rx_before, uint64_t{19} << 20) << "the data did not cross the veth pair";
 }
 
