@@ -35,16 +35,24 @@
 
 namespace sanreg::testing {
 
-// True when this process runs one thread (fork is then safe for a child that starts threads or
-// takes locks); otherwise false, with how many in *why.
+// True when this process runs one thread of its own (fork is then safe for a child that starts
+// threads or takes locks); otherwise false, with how many in *why. ThreadSanitizer runs a
+// background thread of its own once the process has started any thread: it is not counted.
 inline bool SingleThreaded(std::string* why) {
+#if defined(__SANITIZE_THREAD__)
+  constexpr int kRuntimeThreads = 1;
+#else
+  constexpr int kRuntimeThreads = 0;
+#endif
   DIR* d = opendir("/proc/self/task");
   if (d == nullptr) return true;
   int n = 0;
   while (dirent* e = readdir(d)) n += e->d_name[0] != '.';
   closedir(d);
-  if (n != 1) *why = absl::StrCat(n, " threads run: a forked child could inherit a held lock");
-  return n == 1;
+  if (n > 1 + kRuntimeThreads) {
+    *why = absl::StrCat(n, " threads run: a forked child could inherit a held lock");
+  }
+  return n <= 1 + kRuntimeThreads;
 }
 
 // Under LeakSanitizer: runs a leak check now (reporting what it finds) and returns whether it
