@@ -442,10 +442,12 @@ void Initiator::Remap() {
   size_t size = RandomSize();
   void* p = mremap(b.p, b.size, size, MREMAP_MAYMOVE);
   if (p == MAP_FAILED && errno == EFAULT) {
-    // mremap grows or moves one mapping (VMA) only, and pinning part of a buffer (mlock,
-    // MADV_DONTFORK, userfaultfd registration) splits its VMA: growing or moving then fails with
-    // EFAULT (seen even after the cache dropped the buffer's regions). Shrinking in place works
-    // across VMAs: do that instead (the cache must drop the tail).
+    // mremap grows or moves one mapping (VMA) only, and registering part of a buffer splits its
+    // VMA. mlock and MADV_DONTFORK are undone on deregistration and the kernel merges the VMAs
+    // again, but the userfaultfd monitor's registration of the range stays: with it (the
+    // default, kAuto) growing or moving fails with EFAULT, even after the cache dropped every
+    // region of the buffer. Shrinking in place works across VMAs: do that instead (the cache must
+    // drop the tail).
     ++fig_.remaps_shrunk;
     size = std::max(kPage, (b.size / kPage / 2) * kPage);
     p = mremap(b.p, b.size, size, 0);
