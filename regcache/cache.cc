@@ -601,8 +601,9 @@ void RegistrationCache::MaybeGrowTable() {
   // old table takes the slow path once after the growth. With the hash's top bits as the index,
   // old bucket i splits into new buckets 2i and 2i + 1: a streaming copy that never overflows a
   // bucket. Slots naming dead or recycled regions are copied as they are: slots are hints, and
-  // FillSlot reuses those first. Readers may still be in the old table: it is retired, not freed
-  // (memory stays below twice the final table's).
+  // FillSlot reuses those first. Readers may still be in the old table: it stays mapped, but its
+  // pages go back to the kernel; a lookup that reads it afterwards reads zeros (a slot without a
+  // region, skipped: the slow path).
   auto grown = std::make_unique<Table>(t->bits + 1);
   const size_t n = size_t{1} << t->bits;
   for (size_t i = 0; i < n; ++i) {
@@ -619,6 +620,7 @@ void RegistrationCache::MaybeGrowTable() {
   }
   tables_.push_back(std::move(grown));
   table_.store(tables_.back().get(), std::memory_order_release);
+  internal::DiscardPages(t->buckets);
 }
 
 size_t RegistrationCache::PoolChunkSize(size_t i) {

@@ -19,9 +19,9 @@
 //   before it: an incarnation's range and rights never change, and any kill or recycle changes
 //   state (dead bit, then a new incarnation), so a successful CAS proves the region was alive, and
 //   was the region read, at the instant it took the reference.
-//   Slots are hints only; a torn {key, Region*} pair or a slot naming a dead or recycled region
-//   costs a slow path, never a wrong answer. Everything else (table fills, tree changes, kills,
-//   evictions) happens under the cache lock.
+//   Slots are hints only; a torn {key, Region*} pair, a slot naming a dead or recycled region, or
+//   a zeroed slot of a retired table costs a slow path, never a wrong answer. Everything else
+//   (table fills, tree changes, kills, evictions) happens under the cache lock.
 //
 // Invariants:
 //   1. A region is in the interval tree iff its state is alive. Only the lock holder kills a region
@@ -255,6 +255,8 @@ class RegistrationCache {
   struct alignas(64) Bucket {
     Slot slots[4];
   };
+  // Grows by doubling (MaybeGrowTable) and carries the old table's slots over. A retired table
+  // stays mapped, since lookups may still be in it, with its pages discarded (it reads as zeros).
   struct Table {
     explicit Table(int bits);
     int bits;

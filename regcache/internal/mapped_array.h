@@ -36,6 +36,14 @@ struct MappedArrayDeleter {
 template <typename T>
 using MappedArray = std::unique_ptr<T[], MappedArrayDeleter<T>>;
 
+// Gives the array's pages back to the kernel and keeps the mapping: every element reads as zero
+// bytes from then on (a read racing the call reads the old value or zero, never faults).
+// REQUIRES: all-zero bytes are a T that readers accept, and nothing writes the array again.
+template <typename T>
+void DiscardPages(const MappedArray<T>& a) {
+  madvise(a.get(), a.get_deleter().bytes, MADV_DONTNEED);
+}
+
 // Returns n value-initialized T in a mapping of their own. Throws std::bad_alloc, as new would,
 // when the mapping fails.
 template <typename T>
