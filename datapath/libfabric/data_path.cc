@@ -253,7 +253,9 @@ size_t EndpointCore::Progress(int64_t now_ns) {
   absl::Status fail_why;
   {
     if (!cq_mu_.try_lock()) return 0;
-    if (cq_ == nullptr) {
+    // Checked again under cq_mu_: once Fail has cleared open_ and passed through cq_mu_, no
+    // thread touches the provider endpoint (see Fail).
+    if (cq_ == nullptr || !open_.load(std::memory_order_acquire)) {
       cq_mu_.unlock();
       return 0;
     }

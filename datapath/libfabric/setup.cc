@@ -620,6 +620,10 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
     tell_refused = provider_dropped_ && !op_failed_;
   }
   open_.store(false, std::memory_order_release);
+  // Wait out a Progress already inside the provider (it holds cq_mu_; later ones see open_ false
+  // under it and leave the provider alone) before the peer learns below that we are going: a shm
+  // peer in this process then unmaps its region, which that Progress may still be reading.
+  { std::lock_guard<std::mutex> barrier(cq_mu_); }
   if (tell_refused && sock_ >= 0) {
     (void)send(sock_, &kRefusedByte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
   }
