@@ -6,10 +6,12 @@ root="${TEST_SRCDIR:?}/sanreg/spi"
 prefix="${TEST_TMPDIR:?}/prefix"
 "$root/install" "$prefix"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
-# A sanitizer build of the library (bazel --config=asan/ubsan) needs the same runtime in the program.
+# A sanitizer build of the library (bazel --config=asan/ubsan/tsan) needs the same runtime in the
+# program.
 san=""
 if ldd "$prefix/lib/libsanreg.so" | grep -q libasan; then san="-fsanitize=address"; fi
 if ldd "$prefix/lib/libsanreg.so" | grep -q libubsan; then san="$san -fsanitize=undefined"; fi
+if ldd "$prefix/lib/libsanreg.so" | grep -q libtsan; then san="$san -fsanitize=thread"; fi
 cc -std=c99 -Wall -Wextra -Werror $san $(pkg-config --cflags sanreg) "$root/switch_test.c" \
   -o "$TEST_TMPDIR/switch" $(pkg-config --libs sanreg)
 # Only the SPI is exported.
