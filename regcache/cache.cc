@@ -384,6 +384,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   ++slow_stats_.registration_latency[LatencyBucket(
       static_cast<uint64_t>(static_cast<double>(cost) * ns_per_tick_))];
   if (!reg.ok()) {
+    if (watched) monitor_.uffd->Unwatch(start, len);
     ++slow_stats_.registration_failures;
     return absl::Status(reg.status().code(),
                         absl::StrCat("registering [0x", absl::Hex(start), ", +", len,
@@ -393,6 +394,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   Region* r = AllocRegion();
   r->reg = *reg;
   r->cost_ticks = cost;
+  r->watched = watched;
   r->start.store(start, std::memory_order_relaxed);
   r->end.store(end, std::memory_order_relaxed);
   r->access.store(access, std::memory_order_relaxed);
@@ -676,6 +678,12 @@ void RegistrationCache::DeregisterBatch(std::vector<Region*>& batch) {
       deregistration_failures_.fetch_add(1, std::memory_order_relaxed);
     }
     pinned_bytes_.fetch_sub(r->reg.length, std::memory_order_relaxed);
+    // Unwatch after unpinning: with both undone, the kernel merges the VMAs that watching and
+    // pinning split, and the application can mremap the buffer again.
+    if (r->watched) {
+      const uintptr_t start = r->start.load(std::memory_order_relaxed);
+      monitor_.uffd->Unwatch(start, r->end.load(std::memory_order_relaxed) - start);
+    }
   }
   std::lock_guard<std::mutex> lock(pool_mu_);
   for (Region* r : batch) {

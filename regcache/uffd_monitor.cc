@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "regcache/internal/watch_table.h"
 #include "regcache/memory_events.h"
 
 namespace sanreg {
@@ -36,7 +37,10 @@ void ResetInChild() {
   // with the parent's userfaultfd. Forget both (the objects leak in the child; the fd closes).
   // g_mu may have been held by another parent thread at fork: reinitialise it.
   new (&g_mu) std::mutex();
-  if (g_monitor != nullptr) g_monitor = nullptr;
+  // The parent's monitor must not change registrations from the child: its descriptor still
+  // names the parent's address space.
+  if (g_monitor != nullptr) g_monitor->DisownInChild();
+  g_monitor = nullptr;
   g_error = nullptr;
 }
 
@@ -97,6 +101,7 @@ absl::Status UffdMonitor::Start() {
     }
   }
   fd_ = fd;
+  watched_ = new internal::WatchTable();
   std::thread([this] { ReaderLoop(); }).detach();
 
   // Self-test: watch a scratch page, unmap it, and see the event published.
@@ -104,7 +109,7 @@ absl::Status UffdMonitor::Start() {
   void* p = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return absl::UnavailableError("userfaultfd self-test: mmap failed");
   static_cast<char*>(p)[0] = 1;
-  if (!Watch(reinterpret_cast<uintptr_t>(p), page)) {
+  if (!Register(reinterpret_cast<uintptr_t>(p), page)) {
     munmap(p, page);
     return absl::UnavailableError(
         absl::StrCat("userfaultfd self-test: UFFDIO_REGISTER failed: ", std::strerror(errno)));
@@ -128,7 +133,7 @@ bool UffdMonitor::Sync() {
   void* p = mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return false;
   static_cast<volatile char*>(p)[0] = 1;
-  if (!Watch(reinterpret_cast<uintptr_t>(p), page)) {
+  if (!Register(reinterpret_cast<uintptr_t>(p), page)) {
     munmap(p, page);
     return false;
   }
@@ -158,12 +163,56 @@ bool UffdMonitor::Sync() {
   return ok;
 }
 
-bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
+bool UffdMonitor::Register(uintptr_t addr, size_t len) {
   struct uffdio_register reg = {};
   reg.range.start = addr;
   reg.range.len = len;
   reg.mode = write_protect_mode_ ? UFFDIO_REGISTER_MODE_WP : UFFDIO_REGISTER_MODE_MISSING;
   return ioctl(fd_, UFFDIO_REGISTER, &reg) == 0;
+}
+
+void UffdMonitor::Unregister(uintptr_t start, uintptr_t end) {
+  struct uffdio_range r = {start, end - start};
+  if (ioctl(fd_, UFFDIO_UNREGISTER, &r) == 0 || errno != EINVAL) return;
+  // EINVAL: nothing is mapped in the range any more (the usual case: it was unmapped, and the
+  // kernel dropped the registration with the mapping), or a mapping userfaultfd cannot handle
+  // (a private file mapping) now lies in it, and the kernel refuses the whole range. In the
+  // second case, when the range is wholly mapped (msync says so), unregister it in halves, down to
+  // pages, so that the parts still registered are. A range with both a hole and such a mapping is
+  // left as it is (its registered parts stay registered, as before Unwatch existed).
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (end - start <= page || msync(reinterpret_cast<void*>(start), end - start, MS_ASYNC) != 0) {
+    return;
+  }
+  const uintptr_t mid = start + ((end - start) / 2 & ~(page - 1));
+  Unregister(start, mid);
+  Unregister(mid, end);
+}
+
+bool UffdMonitor::Watch(uintptr_t addr, size_t len) {
+  std::lock_guard<std::mutex> lock(watch_mu_);
+  if (disowned_) return false;
+  // Register even where the table counts the range already: its pages may belong to a new
+  // mapping at the same address (the old one went, and its regions are not deregistered yet).
+  if (!Register(addr, len)) return false;
+  watched_->Add(addr, addr + len);
+  return true;
+}
+
+void UffdMonitor::Unwatch(uintptr_t addr, size_t len) {
+  std::lock_guard<std::mutex> lock(watch_mu_);
+  if (disowned_) return;
+  for (const internal::WatchTable::Range& r : watched_->Remove(addr, addr + len)) {
+    Unregister(r.start, r.end);
+  }
+}
+
+void UffdMonitor::DisownInChild() {
+  // The child is single-threaded here; watch_mu_ may have been held by a parent thread at fork.
+  // The table's nodes are left as they are (leaked): a parent thread may have been changing it.
+  new (&watch_mu_) std::mutex();
+  watched_ = new internal::WatchTable();
+  disowned_ = true;
 }
 
 void UffdMonitor::ReaderLoop() {

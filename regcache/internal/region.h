@@ -54,6 +54,7 @@ struct alignas(64) Region {
   Registration reg;
   uint64_t cost_ticks = 0;     // what registering it cost, for the cost-aware policy
   uint64_t created_ticks = 0;  // when it was registered, for RegistrationCache::Regions
+  bool watched = false;        // userfaultfd watches its range: Unwatch it on deregistration
   // Guarded by the cache lock.
   IntervalTree<Region*>::Handle node = nullptr;
   // Guarded by the pool lock (by the cache lock while on the lock holder's own free list).
