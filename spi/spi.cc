@@ -725,13 +725,18 @@ int WSPMemoryRegistrationCacheCallback(LPVOID addr, SIZE_T size, LPINT err) {
     dropped += *n;
     cache->Flush();
   }
-  // RDMA registrations over the range: their keys name the old pages; revoke them now (their
-  // descriptors stay registered until deregistered, and name nothing).
+  // RDMA registrations on the range's pages: their keys name the old pages; revoke them now
+  // (their descriptors stay registered until deregistered, and name nothing). Pages, not bytes:
+  // a mapping changes a page at a time, so one sharing a page with the range loses it too (as
+  // the cache's regions do).
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = a & ~(page - 1);
+  const uintptr_t hi = a + size > UINTPTR_MAX - page ? UINTPTR_MAX : (a + size + page - 1) & ~(page - 1);
   std::vector<std::shared_ptr<RdmaEntry>> revoke;
   {
     std::lock_guard<std::mutex> l(st->mu);
     st->rdmas.ForEach([&](uint64_t, const std::shared_ptr<RdmaEntry>& e) {
-      if (!e->revoked && e->addr < a + size && a < e->addr + e->len) {
+      if (!e->revoked && e->addr < hi && lo < e->addr + e->len) {
         e->revoked = true;
         revoke.push_back(e);
       }
@@ -766,10 +771,17 @@ void OpDone(Completion* c, void* arg) {
   State* st = op->st;
   const DWORD error = static_cast<DWORD>(WsaErrorFromStatus(c->status()));
   const DWORD bytes = static_cast<DWORD>(c->bytes());
+  // The registrations are let go before the completion is reported: a caller that deregisters
+  // and drops the memory as soon as it sees it finds no reference left behind.
+  std::shared_ptr<MemEntry> mems[Completion::kMaxSge];
   {
     std::lock_guard<std::mutex> l(st->mu);
-    for (DWORD i = 0; i < op->count; ++i) --op->mems[i]->in_flight;
+    for (DWORD i = 0; i < op->count; ++i) {
+      --op->mems[i]->in_flight;
+      mems[i] = std::move(op->mems[i]);
+    }
   }
+  for (auto& m : mems) m.reset();
   LPWSAOVERLAPPED ov = op->ov;
   const bool polled = (reinterpret_cast<uintptr_t>(ov->hEvent) & 1) != 0;
   ov->InternalHigh = bytes;

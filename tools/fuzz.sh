@@ -9,7 +9,7 @@
 #   -t SECONDS  fuzz each for SECONDS (libFuzzer -max_total_time; default 60)
 #   -r RUNS     fuzz each for RUNS executions (libFuzzer -runs)
 #   --replay    only run every committed corpus input once (the regression check)
-#   NAME        remote_region, interval_tree, cache (default: all)
+#   NAME        remote_region, interval_tree, cache, spi (default: all)
 # Environment: SANREG_FUZZ_DIR, where objects, binaries, the growing work corpora and any crash
 # inputs go (default /tmp/sanreg-fuzz); CXX (default clang++).
 #
@@ -41,7 +41,19 @@ declare -A sources=(
   [cache]="regcache/cache.cc regcache/stats_segment.cc regcache/memory_monitor.cc
            regcache/uffd_monitor.cc regcache/memory_events.cc regcache/fake_registrar.cc"
 )
-all=(remote_region interval_tree cache)
+# The SPI fuzzer links the whole library but the memory hooks (the cache watches memory with
+# userfaultfd instead: interposing mmap and munmap under libFuzzer and ASan is not worth the risk).
+sources[spi]="spi/spi.cc spi/internal/errors.cc
+  datapath/fabric.cc datapath/internal/socket.cc datapath/remote_region.cc
+  datapath/libfabric/data_path.cc datapath/libfabric/registrar.cc datapath/libfabric/setup.cc
+  datapath/libfabric/liveness.cc
+  datapath/verbs/data_path.cc datapath/verbs/setup.cc datapath/verbs/verbs_api.cc
+  datapath/verbs/verbs_registrar.cc
+  regcache/cache.cc regcache/stats_segment.cc regcache/memory_monitor.cc regcache/uffd_monitor.cc
+  regcache/memory_events.cc regcache/pin_registrar.cc"
+all=(remote_region interval_tree cache spi)
+# Libraries each fuzzer links besides Abseil and pthread.
+declare -A libs=([spi]="-lfabric -libverbs -lrdmacm")
 [ ${#names[@]} -eq 0 ] && names=("${all[@]}")
 for n in "${names[@]}"; do
   [ -v "sources[$n]" ] || { echo "fuzz.sh: no fuzzer named $n (have: ${all[*]})" >&2; exit 2; }
@@ -49,7 +61,7 @@ done
 
 CXX="${CXX:-clang++}"
 command -v "$CXX" >/dev/null || { echo "fuzz.sh: $CXX not found: run tools/setup.sh" >&2; exit 2; }
-absl_modules="absl_status absl_statusor absl_strings"
+absl_modules="absl_status absl_statusor absl_strings absl_time absl_synchronization"
 absl_cflags=$(pkg-config --cflags $absl_modules) || { echo "fuzz.sh: Abseil not found" >&2; exit 2; }
 absl_libs=$(pkg-config --libs $absl_modules)
 
@@ -57,13 +69,14 @@ dir="${SANREG_FUZZ_DIR:-/tmp/sanreg-fuzz}"
 mkdir -p "$dir/obj" "$dir/bin" "$dir/artifacts"
 # The project's warning flags (bazel/copts.bzl), plus the sanitizers.
 cxxflags=(-std=c++20 -Wall -Wextra -Werror -Wno-unused-parameter -fno-strict-aliasing
-          -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=undefined -I. $absl_cflags)
+          -O1 -g -fno-omit-frame-pointer -fno-sanitize-recover=undefined -I. $absl_cflags
+          -DSANREG_SPI_BUILD)
 san=address,undefined
 
 # True when $1 is missing or older than any source or header it may depend on.
 stale() {
   [ ! -e "$1" ] && return 0
-  [ -n "$(find fuzz regcache datapath -name '*.h' -newer "$1" -print -quit)" ] && return 0
+  [ -n "$(find fuzz regcache datapath spi -name '*.h' -newer "$1" -print -quit)" ] && return 0
   for s in "${@:2}"; do [ "$s" -nt "$1" ] && return 0; done
   return 1
 }
@@ -81,7 +94,7 @@ build() {
   if stale "$bin" "fuzz/${n}_fuzzer.cc" "${objs[@]}" "$0"; then
     echo "fuzz.sh: linking ${n}_fuzzer"
     "$CXX" "${cxxflags[@]}" -fsanitize=fuzzer,$san "fuzz/${n}_fuzzer.cc" "${objs[@]}" \
-      $absl_libs -lpthread -o "$bin"
+      $absl_libs ${libs[$n]:-} -lpthread -o "$bin"
   fi
 }
 
