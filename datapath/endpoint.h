@@ -51,8 +51,13 @@
 //   Both: registrations are domain-wide (no FI_MR_ENDPOINT), so a key works from any connection of
 //       the target's fabric; the connection check on descriptors is done here, on the initiator,
 //       and the unguessable keys are what stop a peer that forges one.
+//   verbs (datapath/verbs/verbs_backend.h): the target's device checks key, bounds and rights and
+//       the initiator's operation completes kPermissionDenied (IBV_WC_REM_ACCESS_ERR); the
+//       connection then fails. With type 2 memory windows a descriptor's key answers only on the
+//       connection it was exposed on, and Revoke withdraws it at once.
 //
-// Thread-safety: Write, Read, Poll and Close may be called from any thread, concurrently.
+// Thread-safety: Write, Read, Poll and Close may be called from any thread, concurrently. Expose
+// and Revoke wait for the device on verbs: not from a completion callback.
 // Invariants:
 //   1. At most max_in_flight() operations are with the provider; the rest wait in a FIFO queue and
 //      are posted, in order, as completions free room or -FI_EAGAIN clears. Posting never spins.

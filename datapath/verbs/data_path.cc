@@ -5,8 +5,10 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
+#include "absl/strings/str_cat.h"
 #include "datapath/completion.h"
 #include "datapath/verbs/verbs_backend.h"
 

@@ -401,6 +401,8 @@ int QueryDevice(ibv_context* ctx, ibv_device_attr* attr) {
   std::lock_guard<std::mutex> l(d.mu);
   memset(attr, 0, sizeof *attr);
   attr->max_qp_wr = d.config.max_qp_wr;
+  attr->max_qp_rd_atom = 16;
+  attr->max_qp_init_rd_atom = 16;
   attr->max_sge = d.config.max_sge;
   attr->max_cqe = 65536;
   attr->max_mr_size = ~uint64_t{0};

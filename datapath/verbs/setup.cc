@@ -8,6 +8,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -159,6 +160,8 @@ absl::Status VerbsFabric::Open(const FabricOptions& options) {
                              ? static_cast<size_t>(attr.max_qp_wr) - kControlSlots - 1
                              : 1;
     max_in_flight_ = std::min(options_.max_in_flight, depth);
+    responder_resources_ = static_cast<uint8_t>(std::clamp(attr.max_qp_rd_atom, 1, 16));
+    initiator_depth_ = static_cast<uint8_t>(std::clamp(attr.max_qp_init_rd_atom, 1, 16));
   }
   if (ctx_ == nullptr) {
     if (!want.empty()) return absl::NotFoundError(absl::StrCat("RDMA device ", want, " not found"));
@@ -309,8 +312,8 @@ absl::StatusOr<std::unique_ptr<Endpoint>> VerbsFabric::Connect(absl::string_view
   rdma_conn_param param = {};
   param.private_data = &mine;
   param.private_data_len = sizeof mine;
-  param.responder_resources = 16;
-  param.initiator_depth = 16;
+  param.responder_resources = responder_resources_;
+  param.initiator_depth = initiator_depth_;
   param.retry_count = 7;
   param.rnr_retry_count = 7;
   s = CallStatus("rdma_connect", api_->connect(id, &param));
@@ -375,8 +378,8 @@ absl::StatusOr<std::unique_ptr<Endpoint>> VerbsListener::Accept() {
     rdma_conn_param param = {};
     param.private_data = &mine;
     param.private_data_len = sizeof mine;
-    param.responder_resources = 16;
-    param.initiator_depth = 16;
+    param.responder_resources = fabric_->responder_resources_;
+    param.initiator_depth = fabric_->initiator_depth_;
     param.rnr_retry_count = 7;
     s = CallStatus("rdma_accept", api->accept(id, &param));
     if (s.ok()) s = Expect(api, ch, RDMA_CM_EVENT_ESTABLISHED, "accept");

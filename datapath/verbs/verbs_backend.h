@@ -105,6 +105,10 @@ class VerbsFabric final : public FabricBackend {
   bool memory_windows_ = false;
   uint32_t max_sge_ = 1;
   size_t max_in_flight_ = 1;
+  // RDMA reads outstanding per QP, each way (the device's max_qp_rd_atom / max_qp_init_rd_atom,
+  // at most 16): rdmacm's responder_resources and initiator_depth.
+  uint8_t responder_resources_ = 1;
+  uint8_t initiator_depth_ = 1;
 
  private:
   void ProgressLoop();  // data_path.cc
