@@ -27,6 +27,7 @@
 #include <netinet/in.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -221,6 +222,7 @@ class EndpointCore final : public EndpointBackend,
 
   std::mutex cq_mu_;
   mutable std::mutex mu_;  // acquired after cq_mu_ when both are held
+  std::condition_variable closed_cv_;  // state_ became kClosed (with mu_)
   State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;
   absl::Status health_ ABSL_GUARDED_BY(mu_);
   bool op_failed_ ABSL_GUARDED_BY(mu_) = false;  // the provider completed an operation in error

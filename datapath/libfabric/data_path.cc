@@ -247,6 +247,7 @@ size_t EndpointCore::Progress(int64_t now_ns) {
   Completion* done[kBatch + 1];
   size_t ndone = 0;
   Completion* failed = nullptr;
+  bool first_failure = false;  // `failed` is the first operation the provider failed
   int failed_err = 0;
   absl::Status failing;  // why the connection was already failing when `failed` came back
   bool dropped = false;
@@ -300,6 +301,7 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     if (failed != nullptr) {
       Unlink(&posted_head_, &posted_tail_, failed);
       --posted_count_;
+      first_failure = !op_failed_;
       op_failed_ = true;
       // A local Close (or an earlier failure) that cut it off is what it completes with.
       if (state_ != State::kOpen) failing = health_;
@@ -335,8 +337,10 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     // shm never reports a refusal). Fail has read the peer's last bytes: a peer whose provider
     // refused the access said so (kRefusedByte). With several operations in flight, the first
     // reported failed is taken for the refused one; the rest complete with fail_why.
+    // The refusal wins over a failure of the connection it caused, which another thread may
+    // have seen first (the peer's EOF, just after its kRefusedByte).
     absl::Status why = std::move(failing);
-    if (why.ok() && peer_refused_.load(std::memory_order_relaxed)) {
+    if (first_failure && peer_refused_.load(std::memory_order_relaxed)) {
       why = absl::PermissionDeniedError("the target refused the access");
     } else if (why.ok()) {
       why = absl::UnavailableError(FiError("operation failed", failed_err).message());
@@ -361,6 +365,10 @@ bool EndpointCore::OnSocketReadable() {
     return true;
   }
   if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+    // A peer whose access our provider refused sees its operation fail and closes; its EOF may
+    // reach us before we have read our completion queue's report of the drop. Read it first, so
+    // that the peer is told it was refused (kRefusedByte, in Fail) rather than that we left.
+    Progress(NowCoarseNs());
     Fail(absl::UnavailableError("the peer closed the connection or died"), /*peer_gone=*/true);
   }
   return false;

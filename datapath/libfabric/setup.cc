@@ -611,8 +611,14 @@ EndpointCore::~EndpointCore() {
 void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   bool tell_refused = false;
   {
-    std::lock_guard<std::mutex> l(mu_);
-    if (state_ != State::kOpen) return;
+    std::unique_lock<std::mutex> l(mu_);
+    if (state_ != State::kOpen) {
+      // Another thread is failing the connection: return once it is done. Until then it may be
+      // reading the peer's last word, which decides how the caller's own failed operation
+      // completes (kRefusedByte: kPermissionDenied). Bounded by kCloseLinger.
+      closed_cv_.wait(l, [this] { return state_ == State::kClosed; });
+      return;
+    }
     state_ = State::kFailing;
     health_ = why;
     // tcp: our provider dropped the connection, and no operation of ours failed: it refused the
@@ -648,6 +654,7 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
     }
   }
   Completion* chain = nullptr;
+  bool refused_first = false;
   {
     std::lock_guard<std::mutex> cl(cq_mu_);
     // Closing the provider endpoint first: afterwards it touches no buffer of ours, so the
@@ -662,6 +669,12 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
     cq_ = nullptr;
     std::lock_guard<std::mutex> l(mu_);
     state_ = State::kClosed;
+    closed_cv_.notify_all();
+    // The peer said that its provider refused one of our accesses, and our provider has not
+    // reported any operation failed (the connection went first): as in Progress, the oldest
+    // posted operation is taken for the refused one.
+    refused_first =
+        peer_refused_.load(std::memory_order_relaxed) && !op_failed_ && posted_head_ != nullptr;
     Completion** tail = &chain;
     for (Completion* c = posted_head_; c != nullptr; c = c->next_) {
       *tail = c;
@@ -679,9 +692,10 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   // The peer learns at once: its liveness socket reads EOF.
   if (sock_ >= 0) shutdown(sock_, SHUT_RDWR);
   fabric_->RemoveEndpoint(this);
-  while (chain != nullptr) {
+  for (bool first = true; chain != nullptr; first = false) {
     Completion* next = chain->next_;
-    Finish(chain, why);
+    Finish(chain,
+           first && refused_first ? absl::PermissionDeniedError("the target refused the access") : why);
     chain = next;
   }
 }
