@@ -8,7 +8,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
+#include <random>
 #include <string>
 #include <tuple>
 
@@ -17,6 +20,7 @@
 #include "datapath/internal/test_util.h"
 #include "datapath/verbs/fake_device.h"
 #include "regcache/pin_registrar.h"
+#include "regcache/test_seed.h"
 
 namespace sanreg {
 namespace {
@@ -148,6 +152,64 @@ TEST_P(SecurityTest, ForgedAccessIsRefusedAndMovesNothing) {
     }
   }
 }
+
+// Guessed keys: a peer that knows the address, length and rights of an exposure but not its key
+// draws random 64-bit keys. Each guess is refused and moves nothing. A refused access fails the
+// connection (as on an RC queue pair), so every guess gets a fresh one. SANREG_KEY_GUESSES sets how
+// many (default 300 per provider here; `SANREG_KEY_GUESSES=100000` for the full count). Not on shm,
+// whose refusals are silent and cost the operation deadline each (ForgedAccessIsRefusedAndMovesNothing
+// covers a wrong key there).
+class GuessedKeyTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(GuessedKeyTest, RandomKeysAreRefusedAndMoveNothing) {
+  const std::string provider = GetParam();
+  const char* env = std::getenv("SANREG_KEY_GUESSES");
+  const int guesses = env != nullptr ? std::atoi(env) : 300;
+  const uint64_t seed = TestSeed();
+  std::printf("seed %llu (SANREG_SEED), %d guesses\n", static_cast<unsigned long long>(seed),
+              guesses);
+  std::mt19937_64 rng(seed);
+  absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(OptionsFor(provider));
+  ASSERT_TRUE(p.ok()) << p.status();
+  PinRegistrar pin;
+  auto ireg = p->initiator_fabric->NewRegistrar(&pin);
+  auto treg = p->target_fabric->NewRegistrar(&pin);
+  auto tgt = Buffer::Make(treg.get(), kSize, kLocal | kAccessRemoteRead | kAccessRemoteWrite);
+  ASSERT_TRUE(tgt.ok()) << tgt.status();
+  auto local = Buffer::Make(ireg.get(), kSize, kLocal);
+  ASSERT_TRUE(local.ok()) << local.status();
+  (*tgt)->Fill(1);
+  (*local)->Fill(2);
+  int refused = 0;
+  for (int i = 0; i < guesses; ++i) {
+    absl::StatusOr<RemoteRegion> exposed = p->target->Expose(
+        (*tgt)->reg(), (*tgt)->data(), kSize, kAccessRemoteRead | kAccessRemoteWrite);
+    ASSERT_TRUE(exposed.ok()) << exposed.status();
+    RemoteRegion forged = *exposed;
+    do {
+      forged.key = rng();
+    } while (forged.key == exposed->key);
+    const bool write = (i & 1) == 0;
+    Completion c;
+    Sge s = (*local)->sge(0, kSize);
+    absl::Status posted = write ? p->initiator->Write({&s, 1}, forged, 0, &c)
+                                : p->initiator->Read({&s, 1}, forged, 0, &c);
+    ASSERT_TRUE(posted.ok()) << posted;
+    c.Wait();
+    ASSERT_FALSE(c.status().ok()) << "guess " << i << " (key " << forged.key << ") succeeded";
+    ASSERT_EQ(c.bytes(), 0u);
+    ++refused;
+    ASSERT_TRUE(p->Connect().ok()) << "reconnecting after guess " << i;
+  }
+  for (size_t i = 0; i < kSize; ++i) {
+    ASSERT_EQ((*tgt)->data()[i], Buffer::Pattern(1, i)) << "target byte " << i << " changed";
+    ASSERT_EQ((*local)->data()[i], Buffer::Pattern(2, i)) << "local byte " << i << " changed";
+  }
+  std::printf("%d of %d guessed keys refused, nothing moved\n", refused, guesses);
+}
+
+INSTANTIATE_TEST_SUITE_P(Providers, GuessedKeyTest, ::testing::Values("tcp", "verbs-fake"),
+                         [](const auto& info) { return TestName(info.param); });
 
 // SPI.md: memory registered write-only is never readable by the peer. The target exposes a region
 // for writing only, the peer writes to it (the exposure works), then forges a read of all of it:
