@@ -38,6 +38,14 @@ SIZES=(64 4096 65536 1048576 16777216)
 BAZEL=(bazel ${BAZEL_STARTUP:-})
 RUN=()
 [ -n "${PERF_NICE:-}" ] && RUN=(nice -n "$PERF_NICE")
+# With autogroup scheduling (the kernel's default), a nice value only ranks a task within its own
+# session's group, and every other session's group gets an equal share whatever its tasks' nice:
+# PERF_NICE alone would change nothing against another shell's build. So this session's group
+# gets the same nice (this process and what it starts; root).
+if [ -n "${PERF_NICE:-}" ] && [ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ]; then
+  echo "$PERF_NICE" >/proc/self/autogroup 2>/dev/null ||
+    echo "perf_report: cannot set this session's autogroup nice: PERF_NICE has little effect" >&2
+fi
 
 for tool in ucx_perftest ucx_info gnuplot; do
   command -v "$tool" >/dev/null || { echo "perf_report: $tool missing (bash tools/setup.sh)" >&2; exit 1; }
