@@ -30,6 +30,7 @@
 namespace sanreg {
 
 namespace internal {
+struct OpList;
 class EndpointBackend;
 class EndpointCore;
 class VerbsEndpoint;
@@ -82,6 +83,7 @@ class Completion {
  private:
   friend class internal::EndpointCore;
   friend class internal::VerbsEndpoint;
+  friend struct internal::OpList;
 
   Callback callback_ = nullptr;
   void* arg_ = nullptr;

@@ -216,8 +216,6 @@ class EndpointCore final : public EndpointBackend,
   // post first asks this; a dead process's sockets are closed (FIN sent) before waitpid returns.
   bool PeerGone() const;
   void MaybeWakePeer(int64_t now_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  static void Link(Completion** head, Completion** tail, Completion* c);
-  static void Unlink(Completion** head, Completion** tail, Completion* c);
   static void Finish(Completion* c, absl::Status s);
 
   std::mutex cq_mu_;

@@ -15,6 +15,7 @@
 
 #include "datapath/completion.h"
 #include "datapath/endpoint.h"
+#include "datapath/internal/op_list.h"
 #include "datapath/libfabric/core.h"
 #include "datapath/libfabric/fault_hook.h"
 
@@ -85,30 +86,7 @@ void EndpointCore::Finish(Completion* c, absl::Status s) {
 
 void FinishOperation(Completion* c, absl::Status s) { EndpointCore::Finish(c, std::move(s)); }
 
-void EndpointCore::Link(Completion** head, Completion** tail, Completion* c) {
-  c->next_ = nullptr;
-  c->prev_ = *tail;
-  if (*tail != nullptr) {
-    (*tail)->next_ = c;
-  } else {
-    *head = c;
-  }
-  *tail = c;
-}
 
-void EndpointCore::Unlink(Completion** head, Completion** tail, Completion* c) {
-  if (c->prev_ != nullptr) {
-    c->prev_->next_ = c->next_;
-  } else {
-    *head = c->next_;
-  }
-  if (c->next_ != nullptr) {
-    c->next_->prev_ = c->prev_;
-  } else {
-    *tail = c->prev_;
-  }
-  c->prev_ = c->next_ = nullptr;
-}
 
 ssize_t EndpointCore::PostOne(Completion* c) {
   if (int fault = InjectedFault(FaultSite::kPost); fault != 0) return fault;  // tests only
@@ -147,11 +125,11 @@ bool EndpointCore::PostQueued(ssize_t* post_error) {
       if (rc != -FI_EAGAIN) *post_error = rc;
       return true;
     }
-    Unlink(&queued_head_, &queued_tail_, c);
+    OpList::Unlink(&queued_head_, &queued_tail_, c);
     --queued_count_;
     c->posted_ = true;
     c->posted_ns_ = NowCoarseNs();
-    Link(&posted_head_, &posted_tail_, c);
+    OpList::Link(&posted_head_, &posted_tail_, c);
     ++posted_count_;
   }
   return true;
@@ -223,11 +201,11 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     if (queued_head_ == nullptr && posted_count_ < fabric_->max_in_flight_) rc = PostOne(c);
     if (rc == 0) {
       c->posted_ = true;
-      Link(&posted_head_, &posted_tail_, c);
+      OpList::Link(&posted_head_, &posted_tail_, c);
       ++posted_count_;
     } else if (rc == -FI_EAGAIN) {
       c->posted_ = false;
-      Link(&queued_head_, &queued_tail_, c);
+      OpList::Link(&queued_head_, &queued_tail_, c);
       ++queued_count_;
     } else {
       c->core_ = nullptr;
@@ -295,11 +273,11 @@ size_t EndpointCore::Progress(int64_t now_ns) {
     }
     std::lock_guard<std::mutex> l(mu_);
     for (size_t i = 0; i < ndone; ++i) {
-      Unlink(&posted_head_, &posted_tail_, done[i]);
+      OpList::Unlink(&posted_head_, &posted_tail_, done[i]);
       --posted_count_;
     }
     if (failed != nullptr) {
-      Unlink(&posted_head_, &posted_tail_, failed);
+      OpList::Unlink(&posted_head_, &posted_tail_, failed);
       --posted_count_;
       first_failure = !op_failed_;
       op_failed_ = true;

@@ -10,34 +10,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "datapath/completion.h"
+#include "datapath/internal/op_list.h"
 #include "datapath/verbs/verbs_backend.h"
 
 namespace sanreg::internal {
 
-void VerbsEndpoint::Link(Completion** head, Completion** tail, Completion* c) {
-  c->next_ = nullptr;
-  c->prev_ = *tail;
-  if (*tail != nullptr) {
-    (*tail)->next_ = c;
-  } else {
-    *head = c;
-  }
-  *tail = c;
-}
 
-void VerbsEndpoint::Unlink(Completion** head, Completion** tail, Completion* c) {
-  if (c->prev_ != nullptr) {
-    c->prev_->next_ = c->next_;
-  } else {
-    *head = c->next_;
-  }
-  if (c->next_ != nullptr) {
-    c->next_->prev_ = c->prev_;
-  } else {
-    *tail = c->prev_;
-  }
-  c->prev_ = c->next_ = nullptr;
-}
 
 void VerbsEndpoint::FinishChain(Completion* chain) {
   while (chain != nullptr) {
@@ -79,10 +57,10 @@ void VerbsEndpoint::PostQueued() {
   while (queued_head_ != nullptr && posted_count_ < max) {
     Completion* c = queued_head_;
     if (PostOne(c) != 0) return;  // the send queue is full: retried on the next progress
-    Unlink(&queued_head_, &queued_tail_, c);
+    OpList::Unlink(&queued_head_, &queued_tail_, c);
     --queued_count_;
     c->posted_ = true;
-    Link(&posted_head_, &posted_tail_, c);
+    OpList::Link(&posted_head_, &posted_tail_, c);
     ++posted_count_;
   }
 }
@@ -143,11 +121,11 @@ absl::Status VerbsEndpoint::Post(bool write, std::span<const Sge> sg, const Remo
     if (queued_head_ == nullptr && posted_count_ < fabric_->max_in_flight_) rc = PostOne(c);
     if (rc == 0) {
       c->posted_ = true;
-      Link(&posted_head_, &posted_tail_, c);
+      OpList::Link(&posted_head_, &posted_tail_, c);
       ++posted_count_;
     } else if (rc == ENOMEM) {
       c->posted_ = false;
-      Link(&queued_head_, &queued_tail_, c);
+      OpList::Link(&queued_head_, &queued_tail_, c);
       ++queued_count_;
     } else {
       c->core_ = nullptr;
@@ -174,7 +152,7 @@ absl::Status VerbsEndpoint::RunControl(ibv_send_wr* wr, Completion* c) {
     ++posts_;
     c->core_ = this;
     c->posted_ = true;
-    Link(&posted_head_, &posted_tail_, c);
+    OpList::Link(&posted_head_, &posted_tail_, c);
     ++posted_count_;
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
   }
@@ -196,7 +174,7 @@ void VerbsEndpoint::Consume(const ibv_wc& wc, Completion*** done, absl::Status* 
   // RC completes the send queue in order: everything posted before `target` completed OK.
   while (posted_head_ != nullptr) {
     Completion* c = posted_head_;
-    Unlink(&posted_head_, &posted_tail_, c);
+    OpList::Unlink(&posted_head_, &posted_tail_, c);
     --posted_count_;
     if (c == fence_through_) fence_through_ = nullptr;
     const bool last = c == target;

@@ -187,8 +187,6 @@ class VerbsEndpoint final : public EndpointBackend {
   // names, linking them on `*done` with their status set. An error while open sets *fail.
   void Consume(const ibv_wc& wc, Completion*** done, absl::Status* fail)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  static void Link(Completion** head, Completion** tail, Completion* c);
-  static void Unlink(Completion** head, Completion** tail, Completion* c);
   static void FinishChain(Completion* chain);
 
   std::mutex cq_mu_;
