@@ -199,7 +199,8 @@ TEST_P(GuessedKeyTest, RandomKeysAreRefusedAndMoveNothing) {
     ASSERT_FALSE(c.status().ok()) << "guess " << i << " (key " << forged.key << ") succeeded";
     ASSERT_EQ(c.bytes(), 0u);
     ++refused;
-    ASSERT_TRUE(p->Connect().ok()) << "reconnecting after guess " << i;
+    const absl::Status reconnected = p->Connect();
+    ASSERT_TRUE(reconnected.ok()) << "reconnecting after guess " << i << ": " << reconnected;
   }
   for (size_t i = 0; i < kSize; ++i) {
     ASSERT_EQ((*tgt)->data()[i], Buffer::Pattern(1, i)) << "target byte " << i << " changed";
