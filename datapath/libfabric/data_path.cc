@@ -144,47 +144,15 @@ void EndpointCore::MaybeWakePeer(int64_t now_ns) {
 absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const RemoteRegion& r,
                                 uint64_t offset, Completion* c) {
   if (c == nullptr) return absl::InvalidArgumentError("no completion");
-  if (sg.empty() || sg.size() > fabric_->iov_limit_) {
-    return absl::InvalidArgumentError("scatter-gather list empty or too long");
-  }
-  if (c->core_ != nullptr) return absl::InvalidArgumentError("completion still in flight");
-  size_t total = 0;
-  for (size_t i = 0; i < sg.size(); ++i) {
-    const Sge& e = sg[i];
-    const uintptr_t a = reinterpret_cast<uintptr_t>(e.addr);
-    if (e.reg == nullptr || e.addr == nullptr || e.length == 0 || a + e.length < a ||
-        a < e.reg->addr || a + e.length > e.reg->addr + e.reg->length) {
-      return absl::InvalidArgumentError("buffer empty or not covered by its registration");
-    }
-    if (!write && (e.reg->access & kAccessLocalWrite) == 0) {
-      return absl::PermissionDeniedError("read target not registered for local write");
-    }
-    if (total + e.length < total) return absl::InvalidArgumentError("length overflows");
-    total += e.length;
-    c->iov_[i].iov_base = e.addr;
-    c->iov_[i].iov_len = e.length;
-    c->desc_[i] = fabric_->is_local_
-                      ? fi_mr_desc(reinterpret_cast<const MrRecord*>(e.reg->handle)->local_mr)
-                      : reinterpret_cast<void*>(e.reg->local_key);
-  }
-  if (r.connection != id_) {
-    return absl::PermissionDeniedError("descriptor was exposed on another connection");
-  }
-  if ((r.rights & (write ? kAccessRemoteWrite : kAccessRemoteRead)) == 0) {
-    return absl::PermissionDeniedError(write ? "region is not remotely writable"
-                                             : "region is not remotely readable");
-  }
-  if (offset > r.length || total > r.length - offset) {
-    return absl::OutOfRangeError("transfer runs past the end of the remote region");
-  }
-  c->iov_count_ = static_cast<uint8_t>(sg.size());
-  c->total_ = total;
-  c->remote_addr_ = r.addr + offset;
-  c->remote_key_ = r.key;
-  c->is_write_ = write;
-  c->bytes_ = 0;
-  c->status_ = absl::OkStatus();
-  c->done_.store(false, std::memory_order_relaxed);
+  const bool local = fabric_->is_local_;
+  absl::Status prepared = OpList::Prepare(
+      write, sg, r, offset, id_, fabric_->iov_limit_, SIZE_MAX, c,
+      [local](const Registration& reg, void** desc) {
+        *desc = local ? fi_mr_desc(reinterpret_cast<const MrRecord*>(reg.handle)->local_mr)
+                      : reinterpret_cast<void*>(reg.local_key);
+        return true;
+      });
+  if (!prepared.ok()) return prepared;
   const int64_t now = NowCoarseNs();
   if (fabric_->check_peer_before_post_ && PeerGone()) {
     // Never post to a dead shm peer (see PeerGone): fail the connection instead (idempotent).

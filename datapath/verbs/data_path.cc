@@ -68,51 +68,17 @@ void VerbsEndpoint::PostQueued() {
 absl::Status VerbsEndpoint::Post(bool write, std::span<const Sge> sg, const RemoteRegion& r,
                                  uint64_t offset, Completion* c) {
   if (c == nullptr) return absl::InvalidArgumentError("no completion");
-  if (sg.empty() || sg.size() > fabric_->max_sge_) {
-    return absl::InvalidArgumentError("scatter-gather list empty or too long");
-  }
-  if (c->core_ != nullptr) return absl::InvalidArgumentError("completion still in flight");
-  size_t total = 0;
-  for (size_t i = 0; i < sg.size(); ++i) {
-    const Sge& e = sg[i];
-    const uintptr_t a = reinterpret_cast<uintptr_t>(e.addr);
-    if (e.reg == nullptr || e.addr == nullptr || e.length == 0 || a + e.length < a ||
-        a < e.reg->addr || a + e.length > e.reg->addr + e.reg->length || e.reg->handle == 0) {
-      return absl::InvalidArgumentError("buffer empty or not covered by its registration");
-    }
-    if (!write && (e.reg->access & kAccessLocalWrite) == 0) {
-      return absl::PermissionDeniedError("read target not registered for local write");
-    }
-    if (total + e.length < total || e.length > UINT32_MAX) {
-      return absl::InvalidArgumentError("length overflows");
-    }
-    total += e.length;
-    c->iov_[i].iov_base = e.addr;
-    c->iov_[i].iov_len = e.length;
-    // The current lkey (a re-registration without memory windows changes it).
-    const auto* rec = reinterpret_cast<const VerbsMr*>(e.reg->handle);
-    c->desc_[i] = reinterpret_cast<void*>(uintptr_t{rec->lkey.load(std::memory_order_relaxed)});
-  }
-  if (r.connection != connection_id_) {
-    return absl::PermissionDeniedError("descriptor was exposed on another connection");
-  }
-  if ((r.rights & (write ? kAccessRemoteWrite : kAccessRemoteRead)) == 0) {
-    return absl::PermissionDeniedError(write ? "region is not remotely writable"
-                                             : "region is not remotely readable");
-  }
-  if (offset > r.length || total > r.length - offset) {
-    return absl::OutOfRangeError("transfer runs past the end of the remote region");
-  }
-  if (total > UINT32_MAX) return absl::InvalidArgumentError("transfer longer than 4 GiB");
-  c->iov_count_ = static_cast<uint8_t>(sg.size());
-  c->total_ = total;
-  c->remote_addr_ = r.addr + offset;
-  c->remote_key_ = r.key;
-  c->is_write_ = write;
+  absl::Status prepared = OpList::Prepare(
+      write, sg, r, offset, connection_id_, fabric_->max_sge_, UINT32_MAX, c,
+      [](const Registration& reg, void** desc) {
+        if (reg.handle == 0) return false;
+        // The current lkey (a re-registration without memory windows changes it).
+        const auto* rec = reinterpret_cast<const VerbsMr*>(reg.handle);
+        *desc = reinterpret_cast<void*>(uintptr_t{rec->lkey.load(std::memory_order_relaxed)});
+        return true;
+      });
+  if (!prepared.ok()) return prepared;
   c->owner_.reset();  // Wait does not drive a verbs endpoint: the progress thread does
-  c->bytes_ = 0;
-  c->status_ = absl::OkStatus();
-  c->done_.store(false, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> l(mu_);
     if (state_ != State::kOpen) return health_;
