@@ -2,6 +2,7 @@
 // target killed with SIGKILL mid-transfer completes every pending operation with an error, in
 // bounded time, with no hang.
 
+#include <rdma/fi_errno.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
+#include "datapath/libfabric/fault_hook.h"
 #include "regcache/pin_registrar.h"
 
 namespace sanreg {
@@ -53,8 +55,18 @@ constexpr size_t kRegion = 16 << 20;
   if (!region.ok()) _exit(6);
   std::array<uint8_t, RemoteRegion::kWireSize> wire;
   if (!region->Serialize(wire).ok() || !WriteFull(out, wire.data(), wire.size())) _exit(7);
+  // On 'f', stop making progress: the progress thread no longer reads the completion queue, which
+  // is where both providers progress (and the kernel's socket buffers bound what tcp takes). Then
+  // nothing the parent posts completes until the kill, and the kill never lands inside the
+  // provider: a death while holding shm's region lock would hang the parent's next post.
   char c;
-  (void)read(in, &c, 1);  // until killed (or the parent goes away)
+  if (read(in, &c, 1) == 1 && c == 'f') {
+    internal::fault_hook.store(+[](internal::FaultSite site) {
+      return site == internal::FaultSite::kCqRead ? -FI_EAGAIN : 0;
+    });
+    if (!WriteFull(out, &c, 1)) _exit(8);
+    (void)read(in, &c, 1);  // until killed (or the parent goes away)
+  }
   _exit(0);
 }
 
@@ -155,12 +167,18 @@ TEST_P(PeerDeathTest, TwoProcessesMoveDataAndSigkillFailsPendingOperations) {
     }
   }
 
-  // Many 1 MiB writes in flight, then the target dies.
+  // The target stops making progress; many 1 MiB writes are posted, then the target dies with
+  // them in flight. Without the freeze the writes raced the kill: on a loaded machine all 256 MiB
+  // could land before it (tcp posts move data inline), and nothing was left to fail.
+  char f = 'f';
+  ASSERT_TRUE(WriteFull(down[1], &f, 1));
+  ASSERT_TRUE(ReadFull(up[0], &f, 1)) << "the child did not stop its progress";
   std::vector<Completion> cs(256);
   Sge s = (*local)->sge(0, 1 << 20);
   for (size_t i = 0; i < cs.size(); ++i) {
     ASSERT_TRUE((*ep)->Write({&s, 1}, *region, (i % 16) << 20, &cs[i]).ok());
   }
+  ASSERT_GT((*ep)->pending(), 0u) << "256 MiB of writes completed with the target stopped";
   ASSERT_EQ(kill(child, SIGKILL), 0);
   int status = 0;
   ASSERT_EQ(waitpid(child, &status, 0), child);
