@@ -110,7 +110,9 @@ class Endpoint {
   // registration stays registered and pinned. Verbs: invalidates the descriptor's memory window
   // (or, on a device without type 2 windows, registers the range again, which revokes every
   // descriptor of that registration). Returns kUnimplemented on libfabric (Deregister revokes
-  // there), kNotFound for a descriptor this endpoint did not expose or already revoked.
+  // there), kNotFound for a descriptor this endpoint did not expose or that is already revoked: by
+  // Revoke, by deregistering its registration, or by the connection closing or failing (a
+  // connection's descriptors die with it, and so do their memory windows).
   // REQUIRES (verbs without windows): no local operation uses the registration meanwhile.
   absl::Status Revoke(const RemoteRegion& region);
 

@@ -503,6 +503,7 @@ ibv_mw* AllocMw(ibv_pd* pd, ibv_mw_type type) {
   d.mw_indexes[index] = true;
   mw->mw.rkey = index | (Device::Random32() & 0xffu);
   ++reinterpret_cast<FakePd*>(pd)->objects;
+  ++d.stats.allocated_mws;
   return &mw->mw;
 }
 
@@ -513,6 +514,7 @@ int DeallocMw(ibv_mw* m) {
   d.Unbind(mw);  // deallocating a bound window invalidates it
   d.mw_indexes.erase(mw->mw.rkey & 0xffffff00u);
   --reinterpret_cast<FakePd*>(mw->mw.pd)->objects;
+  --d.stats.allocated_mws;
   delete mw;
   return 0;
 }
@@ -700,8 +702,24 @@ int BindAddr(rdma_cm_id* i, sockaddr* addr) {
   memcpy(&sin, addr, sizeof sin);
   uint16_t port = ntohs(sin.sin_port);
   if (port == 0) {
-    while (d.listeners.count(d.next_port) != 0) ++d.next_port;
-    port = d.next_port++;
+    // An ephemeral port, as the kernel picks one: the next free one in [kFirstEphemeral, 65535],
+    // wrapping around (ports of closed listeners are reused); EADDRINUSE when all are taken.
+    constexpr uint32_t kFirstEphemeral = 20000;
+    constexpr uint32_t kCount = 65536 - kFirstEphemeral;
+    auto advance = [&d] {
+      d.next_port = static_cast<uint16_t>(d.next_port == 65535 ? kFirstEphemeral : d.next_port + 1);
+    };
+    uint32_t tried = 0;
+    while (tried < kCount && d.listeners.count(d.next_port) != 0) {
+      advance();
+      ++tried;
+    }
+    if (tried == kCount) {
+      errno = EADDRINUSE;
+      return -1;
+    }
+    port = d.next_port;
+    advance();
   } else if (d.listeners.count(port) != 0) {
     errno = EADDRINUSE;
     return -1;
@@ -976,9 +994,10 @@ void FakeDevice::Reset(FakeConfig config) {
   d.fail_reg_mr = 0;
   d.fail_work = IBV_WC_SUCCESS;
   d.paused = false;
-  const uint64_t registered = d.stats.registered_mrs;
+  const FakeStats live = d.stats;  // what exists now survives a reset
   d.stats = FakeStats();
-  d.stats.registered_mrs = registered;
+  d.stats.registered_mrs = live.registered_mrs;
+  d.stats.allocated_mws = live.allocated_mws;
 }
 
 void FakeDevice::FailNextRegMr(int err) {

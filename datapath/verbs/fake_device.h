@@ -63,6 +63,7 @@ struct FakeStats {
   uint64_t binds = 0;       // memory windows bound
   uint64_t invalidations = 0;
   uint64_t registered_mrs = 0;  // memory regions registered now
+  uint64_t allocated_mws = 0;   // memory windows allocated now
 };
 
 class FakeDevice {

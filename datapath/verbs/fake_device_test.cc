@@ -425,6 +425,47 @@ TEST(FakeRdmacmTest, ConnectingToNobodyIsRejectedAndRejectCarriesPrivateData) {
   V().destroy_event_channel(ch);
 }
 
+// Port 0 picks an ephemeral port as the kernel does: ports of closed listeners come back, so a
+// process may listen and close more than 65,536 times (security_test's guessed keys do, one
+// connection per guess; the fake used to run out at the 45,536th). Every port is taken: EADDRINUSE.
+TEST(FakeRdmacmTest, EphemeralPortsAreReusedAndRunOutCleanly) {
+  FakeDevice::Get().Reset();
+  rdma_event_channel* ch = V().create_event_channel();
+  auto listen_any = [ch](rdma_cm_id** id) {
+    EXPECT_EQ(V().create_id(ch, id, nullptr, RDMA_PS_TCP), 0);
+    sockaddr_in any = {};
+    any.sin_family = AF_INET;
+    const int rc = V().bind_addr(*id, reinterpret_cast<sockaddr*>(&any));
+    if (rc == 0) EXPECT_EQ(V().listen(*id, 1), 0);
+    return rc;
+  };
+  std::set<uint16_t> seen;
+  for (int i = 0; i < 70000; ++i) {
+    rdma_cm_id* id = nullptr;
+    ASSERT_EQ(listen_any(&id), 0) << "listener " << i;
+    sockaddr_in a;
+    memcpy(&a, &id->route.addr.src_addr, sizeof a);
+    ASSERT_NE(a.sin_port, 0) << "listener " << i;
+    seen.insert(ntohs(a.sin_port));
+    ASSERT_EQ(V().destroy_id(id), 0);
+  }
+  EXPECT_EQ(seen.size(), 65536u - 20000u) << "every ephemeral port, each used again";
+  std::vector<rdma_cm_id*> held;
+  for (;;) {
+    rdma_cm_id* id = nullptr;
+    if (listen_any(&id) != 0) {
+      EXPECT_EQ(errno, EADDRINUSE);
+      V().destroy_id(id);
+      break;
+    }
+    held.push_back(id);
+    ASSERT_LE(held.size(), 65536u) << "more listeners than ports";
+  }
+  EXPECT_EQ(held.size(), 65536u - 20000u);
+  for (rdma_cm_id* id : held) V().destroy_id(id);
+  V().destroy_event_channel(ch);
+}
+
 TEST(FakeDevicesTest, NoDeviceMeansNoList) {
   FakeDevice::Get().Reset(FakeConfig{.devices = 0});
   int n = -1;

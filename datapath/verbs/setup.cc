@@ -436,6 +436,7 @@ void VerbsEndpoint::Fail(absl::Status why) {
   }
   open_.store(false, std::memory_order_release);
   Completion* chain = nullptr;
+  std::map<uint32_t, Exposure> exposures;
   {
     std::lock_guard<std::mutex> cl(cq_mu_);
     // The QP goes to error: what it still holds completes in flush errors (reaped below, so that
@@ -467,6 +468,17 @@ void VerbsEndpoint::Fail(absl::Status why) {
     posted_count_ = queued_count_ = 0;
     fence_through_ = nullptr;
     pending_atomic_.store(0, std::memory_order_relaxed);
+    exposures.swap(exposures_);
+  }
+  // The connection's descriptors die with it: its windows (bound on the destroyed QP) go back to
+  // the device, and the regions' records are released.
+  for (auto& [rkey, x] : exposures) {
+    if (x.mw != nullptr) {
+      std::lock_guard<std::mutex> rl(x.rec->mu);
+      absl::Status ignored;  // nothing to tell: the connection is gone either way
+      x.rec->DropWindow(api_, x.mw, &ignored);
+    }
+    VerbsMr::Unref(x.rec);
   }
   fabric_->RemoveEndpoint(this);
   FinishChain(chain);
@@ -500,7 +512,13 @@ absl::StatusOr<RemoteRegion> VerbsEndpoint::Expose(const Registration& reg, cons
     if (rec->mr == nullptr) return absl::FailedPreconditionError("registration is gone");
     r.key = rec->mr->rkey;
     std::lock_guard<std::mutex> l(mu_);
-    exposures_[rec->mr->rkey] = Exposure{nullptr, rec};
+    if (state_ != State::kOpen) return health_;
+    Exposure& x = exposures_[rec->mr->rkey];
+    if (x.rec != rec) {  // new, or the key of a record since deregistered (keys are reused)
+      VerbsMr::Ref(rec);
+      if (x.rec != nullptr) VerbsMr::Unref(x.rec);
+      x = Exposure{nullptr, rec};
+    }
     return r;
   }
   ibv_mw* mw = api_->alloc_mw(fabric_->pd_, IBV_MW_TYPE_2);
@@ -534,10 +552,17 @@ absl::StatusOr<RemoteRegion> VerbsEndpoint::Expose(const Registration& reg, cons
   }
   {
     std::lock_guard<std::mutex> rl(rec->mu);
-    rec->windows.push_back(mw);
-  }
-  {
+    if (rec->mr == nullptr) {  // deregistered meanwhile
+      api_->dealloc_mw(mw);
+      return absl::FailedPreconditionError("registration is gone");
+    }
     std::lock_guard<std::mutex> l(mu_);
+    if (state_ != State::kOpen) {  // Fail has already released this connection's windows
+      api_->dealloc_mw(mw);
+      return health_;
+    }
+    rec->windows.push_back(mw);
+    VerbsMr::Ref(rec);
     exposures_[rkey] = Exposure{mw, rec};
   }
   r.key = rkey;
@@ -556,30 +581,37 @@ absl::Status VerbsEndpoint::Revoke(const RemoteRegion& r) {
     x = it->second;
     exposures_.erase(it);
   }
+  absl::Status s;
   if (x.mw == nullptr) {
-    // No windows: new keys for the whole registration.
-    return VerbsRegistrar::Reregister(api_, fabric_->pd_, x.rec);
-  }
-  ibv_send_wr wr = {};
-  wr.opcode = IBV_WR_LOCAL_INV;
-  wr.send_flags = IBV_SEND_SIGNALED;
-  wr.invalidate_rkey = static_cast<uint32_t>(r.key);
-  Completion c;
-  absl::Status s = RunControl(&wr, &c);
-  // Invalidated, or the QP is gone (a type 2 window answers only on its QP): either way no access
-  // reaches it. Deallocating it invalidates it too.
-  std::lock_guard<std::mutex> rl(x.rec->mu);
-  for (size_t i = 0; i < x.rec->windows.size(); ++i) {
-    if (x.rec->windows[i] == x.mw) {
-      x.rec->windows.erase(x.rec->windows.begin() + static_cast<ptrdiff_t>(i));
-      absl::Status d = CallStatus("ibv_dealloc_mw", api_->dealloc_mw(x.mw));
-      if (s.ok()) s = d;
-      break;
+    // No windows: new keys for the whole registration (kFailedPrecondition once deregistered).
+    s = VerbsRegistrar::Reregister(api_, fabric_->pd_, x.rec);
+    if (s.code() == absl::StatusCode::kFailedPrecondition) {
+      s = absl::NotFoundError("descriptor already revoked: its registration was deregistered");
+    }
+  } else {
+    // rec->mu is held throughout, so that Deregister cannot deallocate the window between the
+    // check and the invalidation (invalidating an rkey the device no longer knows is an error
+    // completion, which would fail the connection).
+    std::lock_guard<std::mutex> rl(x.rec->mu);
+    if (std::find(x.rec->windows.begin(), x.rec->windows.end(), x.mw) == x.rec->windows.end()) {
+      s = absl::NotFoundError("descriptor already revoked: its registration was deregistered");
+    } else {
+      ibv_send_wr wr = {};
+      wr.opcode = IBV_WR_LOCAL_INV;
+      wr.send_flags = IBV_SEND_SIGNALED;
+      wr.invalidate_rkey = static_cast<uint32_t>(r.key);
+      Completion c;
+      s = RunControl(&wr, &c);
+      // Invalidated, or the QP is gone (a type 2 window answers only on its QP): either way no
+      // access reaches it. Deallocating it invalidates it too.
+      if (s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kCancelled) {
+        s = absl::OkStatus();
+      }
+      x.rec->DropWindow(api_, x.mw, &s);
     }
   }
-  return s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kCancelled
-             ? absl::OkStatus()
-             : s;
+  VerbsMr::Unref(x.rec);
+  return s;
 }
 
 }  // namespace sanreg::internal

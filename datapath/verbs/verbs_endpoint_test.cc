@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
@@ -152,6 +153,64 @@ TEST_F(VerbsEndpointTest, WithoutWindowsRevokeRegistersAgainAndKeepsThePin) {
   RemoteRegion again = Expose();
   EXPECT_NE(again.key, r.key);
   ASSERT_TRUE(WriteAndWait(again, 128).ok());
+}
+
+// A long-lived registration exposed on many short connections (a server with many clients, or
+// security_test's guessed keys, one connection per guess): each connection's windows go back to
+// the device when it closes, on either side, and the registration stays registered and pinned.
+// Before, the windows stayed allocated until the registration went, and the fake device refused
+// new connections after some 45,000 of them.
+TEST_F(VerbsEndpointTest, AClosedConnectionFreesItsWindowsAndKeepsTheRegistration) {
+  FakeDevice& dev = FakeDevice::Get();
+  const uint64_t mrs = dev.stats().registered_mrs;
+  const uint64_t windows = dev.stats().allocated_mws;
+  for (int round = 0; round < 4; ++round) {
+    SCOPED_TRACE(round);
+    RemoteRegion rw = Expose();
+    RemoteRegion ro = Expose(kAccessRemoteRead);
+    EXPECT_EQ(dev.stats().allocated_mws, windows + 2);
+    ASSERT_TRUE(WriteAndWait(rw, 256).ok());
+    if (round % 2 == 0) {
+      pair_->target->Close();  // this side closes
+    } else {
+      pair_->initiator->Close();  // the peer closes: its disconnect fails this side
+      const absl::Time deadline = absl::Now() + absl::Seconds(10);
+      while (pair_->target->connected() && absl::Now() < deadline) std::this_thread::yield();
+      ASSERT_FALSE(pair_->target->connected()) << "the peer's disconnect was not seen";
+    }
+    EXPECT_EQ(dev.stats().allocated_mws, windows) << "the closed connection kept its windows";
+    EXPECT_EQ(pair_->target->Revoke(rw).code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ(pair_->target->Revoke(ro).code(), absl::StatusCode::kNotFound);
+    ASSERT_TRUE(pair_->Connect().ok());
+  }
+  EXPECT_EQ(dev.stats().registered_mrs, mrs);
+  EXPECT_EQ(tpin_.live_registrations(), 1u);
+  RemoteRegion again = Expose();
+  ASSERT_TRUE(WriteAndWait(again, 4096).ok());
+  EXPECT_EQ(std::memcmp(tgt_->data(), src_->data(), 4096), 0);
+}
+
+// Revoking a descriptor whose registration is gone: deregistering revoked it already (its window
+// was deallocated), so Revoke says kNotFound, touches no freed record, and does not invalidate a
+// key the device no longer knows (an error completion that would fail the connection).
+TEST_F(VerbsEndpointTest, RevokeAfterDeregistrationIsNotFoundAndTheConnectionLives) {
+  for (bool windows : {true, false}) {
+    SCOPED_TRACE(windows ? "memory windows" : "no windows");
+    FakeConfig c;
+    c.memory_windows = windows;
+    Start(c);
+    const uint64_t before = FakeDevice::Get().stats().allocated_mws;
+    RemoteRegion r = Expose();
+    ASSERT_TRUE(WriteAndWait(r, 64).ok());
+    tgt_.reset();  // deregisters
+    EXPECT_EQ(FakeDevice::Get().stats().allocated_mws, before);
+    EXPECT_EQ(pair_->target->Revoke(r).code(), absl::StatusCode::kNotFound);
+    EXPECT_TRUE(pair_->target->connected());
+    tgt_ = Make(treg_.get(), 1 << 16, kLocal | kRemoteRw);
+    RemoteRegion again = Expose();
+    ASSERT_TRUE(WriteAndWait(again, 4096).ok());
+    EXPECT_EQ(std::memcmp(tgt_->data(), src_->data(), 4096), 0);
+  }
 }
 
 TEST_F(VerbsEndpointTest, SmallWritesGoInlineAndOnlyEveryNthIsSignalled) {

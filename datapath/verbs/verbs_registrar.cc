@@ -73,8 +73,19 @@ absl::Status VerbsRegistrar::Deregister(const Registration& reg) {
     rec->mr = nullptr;
   }
   absl::Status u = pinner_->Deregister(rec->pin);
-  delete rec;
+  VerbsMr::Unref(rec);  // endpoints that exposed it may still hold it
   return s.ok() ? u : s;
+}
+
+bool VerbsMr::DropWindow(const VerbsApi* api, ibv_mw* mw, absl::Status* status) {
+  for (size_t i = 0; i < windows.size(); ++i) {
+    if (windows[i] != mw) continue;
+    windows.erase(windows.begin() + static_cast<ptrdiff_t>(i));
+    absl::Status d = CallStatus("ibv_dealloc_mw", api->dealloc_mw(mw));
+    if (status->ok()) *status = d;
+    return true;
+  }
+  return false;
 }
 
 absl::Status VerbsRegistrar::Reregister(const VerbsApi* api, ibv_pd* pd, VerbsMr* rec) {

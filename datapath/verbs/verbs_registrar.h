@@ -16,7 +16,8 @@
 // rkey of the first ibv_mr (the data path reads the current lkey from the VerbsMr, since a
 // re-registration changes it). Deregister deallocates the windows still bound over the region
 // (which invalidates them), deregisters the region (its keys are revoked when that returns), then
-// unpins.
+// unpins. A window is also deallocated when its connection closes (VerbsEndpoint::Fail), so a
+// long-lived registration exposed on many short connections holds no window per dead connection.
 //
 // Thread-safety: Register and Deregister from any thread; VerbsMr's fields as marked.
 
@@ -36,14 +37,27 @@
 
 namespace sanreg::internal {
 
-// What Registration::handle points to.
+// What Registration::handle points to. Reference counted: the registrar holds one reference until
+// Deregister, and each endpoint holds one per exposure of it until the exposure is revoked or its
+// connection closes, so an endpoint never touches a freed record after a deregistration (it finds
+// `mr` null and its window gone instead).
 struct VerbsMr {
   Registration pin;  // from the pinner
   int access = 0;    // the ibv access flags it is registered with
   std::atomic<uint32_t> lkey{0};
+  std::atomic<uint32_t> refs{1};
   std::mutex mu;
-  ibv_mr* mr ABSL_GUARDED_BY(mu) = nullptr;
+  ibv_mr* mr ABSL_GUARDED_BY(mu) = nullptr;  // null once deregistered
   std::vector<ibv_mw*> windows ABSL_GUARDED_BY(mu);  // bound over it, until revoked
+
+  static void Ref(VerbsMr* rec) { rec->refs.fetch_add(1, std::memory_order_relaxed); }
+  static void Unref(VerbsMr* rec) {
+    if (rec->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete rec;
+  }
+  // Deallocates `mw` (which invalidates it) if it is still one of this region's windows: neither
+  // revoked nor deallocated by Deregister. Returns whether it was.
+  bool DropWindow(const VerbsApi* api, ibv_mw* mw, absl::Status* status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu);
 };
 
 class VerbsRegistrar : public Registrar {
