@@ -42,6 +42,7 @@
 #include "datapath/completion.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/backend.h"
+#include "datapath/internal/endpoint_registry.h"
 #include "datapath/libfabric/liveness.h"
 #include "datapath/remote_region.h"
 
@@ -83,7 +84,7 @@ class FabricCore final : public FabricBackend {
   // (EndpointCore::ConnectProvider / AcceptProvider).
   absl::StatusOr<std::shared_ptr<EndpointCore>> NewEndpoint(int sock, uint64_t connection_id);
   void AddEndpoint(std::shared_ptr<EndpointCore> ep);
-  void RemoveEndpoint(EndpointCore* ep);
+  void RemoveEndpoint(EndpointCore* ep) { endpoints_.Remove(ep); }
 
   // Wakes the progress thread if it sleeps. Cheap when it does not.
   void Wake();
@@ -118,9 +119,7 @@ class FabricCore final : public FabricBackend {
  private:
   void ProgressLoop();  // data_path.cc
 
-  std::mutex mu_;
-  std::vector<std::shared_ptr<EndpointCore>> endpoints_ ABSL_GUARDED_BY(mu_);
-  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  EndpointRegistry<EndpointCore> endpoints_;
   std::atomic<bool> stop_{false};
   std::atomic<bool> sleeping_{false};
   int wake_fd_ = -1;  // eventfd

@@ -330,7 +330,7 @@ void FabricCore::Wake() {
 void FabricCore::ProgressLoop() {
   std::vector<std::shared_ptr<EndpointCore>> snap;
   std::vector<pollfd> fds;
-  uint64_t seen = ~uint64_t{0};
+  uint64_t seen = EndpointRegistry<EndpointCore>::kNever;
   int64_t hot_until = 0;
   int64_t last_poll = 0;
   uint32_t idle_spins = 0;
@@ -338,15 +338,10 @@ void FabricCore::ProgressLoop() {
   const int idle_ms =
       std::max<int>(1, static_cast<int>(absl::ToInt64Milliseconds(options_.idle_poll)));
   while (!stop_.load(std::memory_order_relaxed)) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (version_ != seen) {
-        seen = version_;
-        snap = endpoints_;
-        fds.clear();
-        fds.push_back({wake_fd_, POLLIN, 0});
-        for (const auto& ep : snap) fds.push_back({ep->sock_, POLLIN, 0});
-      }
+    if (endpoints_.Snapshot(&seen, &snap)) {
+      fds.clear();
+      fds.push_back({wake_fd_, POLLIN, 0});
+      for (const auto& ep : snap) fds.push_back({ep->sock_, POLLIN, 0});
     }
     int64_t now = NowCoarseNs();
     size_t work = 0;

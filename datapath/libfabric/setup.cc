@@ -339,10 +339,7 @@ FabricCore::~FabricCore() {
     Wake();
     progress_.join();
   }
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    endpoints_.clear();
-  }
+  endpoints_.Clear();
   if (domain_ != nullptr) fi_close(&domain_->fid);
   if (fabric_ != nullptr) fi_close(&fabric_->fid);
   if (info_ != nullptr) fi_freeinfo(info_);
@@ -350,23 +347,8 @@ FabricCore::~FabricCore() {
 }
 
 void FabricCore::AddEndpoint(std::shared_ptr<EndpointCore> ep) {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    endpoints_.push_back(std::move(ep));
-    ++version_;
-  }
+  endpoints_.Add(std::move(ep));
   Wake();
-}
-
-void FabricCore::RemoveEndpoint(EndpointCore* ep) {
-  std::lock_guard<std::mutex> l(mu_);
-  for (size_t i = 0; i < endpoints_.size(); ++i) {
-    if (endpoints_[i].get() == ep) {
-      endpoints_.erase(endpoints_.begin() + static_cast<ptrdiff_t>(i));
-      ++version_;
-      return;
-    }
-  }
 }
 
 absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,

@@ -236,19 +236,14 @@ void VerbsFabric::Wake() {
 void VerbsFabric::ProgressLoop() {
   std::vector<std::shared_ptr<VerbsEndpoint>> snap;
   std::vector<pollfd> fds;
-  uint64_t seen = ~uint64_t{0};
+  uint64_t seen = EndpointRegistry<VerbsEndpoint>::kNever;
   const int idle_ms =
       std::max<int>(1, static_cast<int>(absl::ToInt64Milliseconds(options_.idle_poll)));
   while (!stop_.load(std::memory_order_relaxed)) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (version_ != seen) {
-        seen = version_;
-        snap = endpoints_;
-        fds.clear();
-        fds.push_back({wake_fd_, POLLIN, 0});
-        for (const auto& ep : snap) fds.push_back({ep->channel_fd(), POLLIN, 0});
-      }
+    if (endpoints_.Snapshot(&seen, &snap)) {
+      fds.clear();
+      fds.push_back({wake_fd_, POLLIN, 0});
+      for (const auto& ep : snap) fds.push_back({ep->channel_fd(), POLLIN, 0});
     }
     size_t work = 0;
     bool busy = false;

@@ -182,10 +182,7 @@ VerbsFabric::~VerbsFabric() {
     Wake();
     progress_.join();
   }
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    endpoints_.clear();
-  }
+  endpoints_.Clear();
   if (pd_ != nullptr) api_->dealloc_pd(pd_);
   if (devices_ != nullptr) api_->free_devices(devices_);
   if (wake_fd_ >= 0) close(wake_fd_);
@@ -200,23 +197,8 @@ std::unique_ptr<Registrar> VerbsFabric::NewRegistrar(Registrar* pinner) {
 }
 
 void VerbsFabric::AddEndpoint(std::shared_ptr<VerbsEndpoint> ep) {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    endpoints_.push_back(std::move(ep));
-    ++version_;
-  }
+  endpoints_.Add(std::move(ep));
   Wake();
-}
-
-void VerbsFabric::RemoveEndpoint(VerbsEndpoint* ep) {
-  std::lock_guard<std::mutex> l(mu_);
-  for (size_t i = 0; i < endpoints_.size(); ++i) {
-    if (endpoints_[i].get() == ep) {
-      endpoints_.erase(endpoints_.begin() + static_cast<ptrdiff_t>(i));
-      ++version_;
-      return;
-    }
-  }
 }
 
 absl::StatusOr<std::shared_ptr<VerbsEndpoint>> VerbsFabric::NewEndpoint(

@@ -35,8 +35,8 @@
 // invalidates it (IBV_WR_LOCAL_INV) before returning. Without windows the key is the region's rkey.
 //
 // Thread-safety: as endpoint.h. Locking: VerbsEndpoint::cq_mu_ before mu_ where both are held
-// (cq_mu_ serializes polling with destroying the QP); VerbsFabric::mu_ guards its endpoint list and
-// is never held while an endpoint's locks are taken.
+// (cq_mu_ serializes polling with destroying the QP); a VerbsMr's mu before an endpoint's mu_; the
+// fabric's endpoint registry (internal/endpoint_registry.h) locks only itself.
 // Invariants:
 //   1. A Completion is on exactly one of posted_/queued_ from acceptance until it is unlinked under
 //      mu_; whoever unlinks it completes it, once.
@@ -59,6 +59,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "datapath/internal/backend.h"
+#include "datapath/internal/endpoint_registry.h"
 #include "datapath/verbs/verbs_api.h"
 #include "datapath/verbs/verbs_registrar.h"
 
@@ -92,7 +93,7 @@ class VerbsFabric final : public FabricBackend {
   absl::StatusOr<std::shared_ptr<VerbsEndpoint>> NewEndpoint(rdma_cm_id* id,
                                                             rdma_event_channel* channel);
   void AddEndpoint(std::shared_ptr<VerbsEndpoint> ep);
-  void RemoveEndpoint(VerbsEndpoint* ep);
+  void RemoveEndpoint(VerbsEndpoint* ep) { endpoints_.Remove(ep); }
   void Wake();  // data_path.cc
 
   FabricOptions options_;
@@ -113,9 +114,7 @@ class VerbsFabric final : public FabricBackend {
  private:
   void ProgressLoop();  // data_path.cc
 
-  std::mutex mu_;
-  std::vector<std::shared_ptr<VerbsEndpoint>> endpoints_ ABSL_GUARDED_BY(mu_);
-  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  EndpointRegistry<VerbsEndpoint> endpoints_;
   std::atomic<bool> stop_{false};
   std::atomic<bool> sleeping_{false};
   int wake_fd_ = -1;
