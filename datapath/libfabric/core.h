@@ -90,6 +90,7 @@ class FabricCore final : public FabricBackend {
   void Wake();
 
   FabricOptions options_;
+  int64_t op_timeout_ns_ = 0;  // options_.op_timeout, for the hot path
   fi_info* info_ = nullptr;
   fid_fabric* fabric_ = nullptr;
   fid_domain* domain_ = nullptr;

@@ -238,6 +238,12 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       }
     } else if (got != -FI_EAGAIN) {
       fail_why = FiError("fi_cq_read", static_cast<int>(-got));
+    } else if (pending_atomic_.load(std::memory_order_relaxed) == 0) {
+      // Nothing completed and nothing outstanding (a target's endpoint, or an idle one): no list
+      // to update, nothing queued to post, no deadline to watch, no peer to keep hot. A Post racing
+      // this check handles its own operation; the next pass sees it.
+      cq_mu_.unlock();
+      return 0;
     }
     std::lock_guard<std::mutex> l(mu_);
     for (size_t i = 0; i < ndone; ++i) {
@@ -262,7 +268,7 @@ size_t EndpointCore::Progress(int64_t now_ns) {
         fail_why = FiError("posting a queued operation", static_cast<int>(-post_error));
       }
       // The oldest operation of each list (a queued one waits out an -FI_EAGAIN storm).
-      const int64_t timeout_ns = absl::ToInt64Nanoseconds(fabric_->options_.op_timeout);
+      const int64_t timeout_ns = fabric_->op_timeout_ns_;
       if (fail_why.ok() &&
           ((posted_head_ != nullptr && now_ns - posted_head_->posted_ns_ > timeout_ns) ||
            (queued_head_ != nullptr && now_ns - queued_head_->posted_ns_ > timeout_ns))) {

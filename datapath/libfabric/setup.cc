@@ -258,6 +258,7 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   if (options_.max_in_flight == 0 || options_.op_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("max_in_flight and op_timeout must be positive");
   }
+  op_timeout_ns_ = absl::ToInt64Nanoseconds(options_.op_timeout);
   // Ask first for requested keys (so we can make them unguessable) and offset addressing; let a
   // provider that needs them have provider keys and virtual addresses. FI_MR_ENDPOINT is not
   // offered: registrations would have to be bound to every endpoint.
