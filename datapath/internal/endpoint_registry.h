@@ -42,11 +42,16 @@ class EndpointRegistry {
     version_.fetch_add(1, std::memory_order_release);
   }
 
-  // Drops every endpoint (the fabric's destructor, after its progress thread has stopped).
+  // Drops every endpoint (the fabric's destructor, after its progress thread has stopped). They
+  // are released outside the lock: a last reference runs the endpoint's destructor, which removes
+  // it from here.
   void Clear() {
-    std::lock_guard<std::mutex> l(mu_);
-    endpoints_.clear();
-    version_.fetch_add(1, std::memory_order_release);
+    std::vector<std::shared_ptr<Ep>> gone;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      gone.swap(endpoints_);
+      version_.fetch_add(1, std::memory_order_release);
+    }
   }
 
   // Copies the set into `*snap` when it has changed since the version in `*seen` (start with

@@ -180,6 +180,12 @@ class EndpointCore final : public EndpointBackend,
     return now_ns - driven_ns_.load(std::memory_order_relaxed) < kDriverGraceNs;
   }
   static constexpr int64_t kDriverGraceNs = 200'000;
+  // How long the progress thread sleeps when it has left its busy endpoints to their callers,
+  // before it looks again: a caller that stops polling without handing the endpoint back (an
+  // Endpoint::Poll user; Completion::Wait hands back) is taken over within this plus a coarse
+  // clock tick. Driven() changes only once per tick, so waking more often than about a tick finds
+  // nothing new, and each wake-up takes a core from a polling thread on a small machine.
+  static constexpr int64_t kDriverRecheckNs = 1'000'000;
 
   FabricCore* const fabric_;
   uint64_t id_;  // set once, before the endpoint is published

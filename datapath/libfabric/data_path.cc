@@ -376,7 +376,7 @@ void FabricCore::ProgressLoop() {
       for (const auto& ep : snap) again = again || (ep->pending() > 0 && !ep->Driven(now));
       // A driven endpoint is looked at again when its caller may have stopped polling it.
       if (!again) {
-        timeout = driven ? timespec{0, EndpointCore::kDriverGraceNs}
+        timeout = driven ? timespec{0, EndpointCore::kDriverRecheckNs}
                          : timespec{idle_ms / 1000, (idle_ms % 1000) * 1'000'000L};
       }
     }
