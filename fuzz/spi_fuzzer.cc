@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "fuzz/fuzz_input.h"
+#include "spi/extension_table.h"
 #include "spi/internal/spi_internal.h"
 #include "spi/ws2san.h"
 
@@ -103,13 +104,8 @@ class Spi {
     local_ = MapArena();
     remote_ = MapArena();
     Connect();
-    Get(GUID WSAID_REGISTERMEMORY, &reg_);
-    Get(GUID WSAID_DEREGISTERMEMORY, &dereg_);
-    Get(GUID WSAID_REGISTERRDMAMEMORY, &reg_rdma_);
-    Get(GUID WSAID_DEREGISTERRDMAMEMORY, &dereg_rdma_);
-    Get(GUID WSAID_RDMAWRITE, &write_);
-    Get(GUID WSAID_RDMAREAD, &read_);
-    Get(GUID WSAID_MEMORYREGISTRATIONCACHECALLBACK, &cache_cb_);
+    int e = 0;
+    FUZZ_CHECK(sanreg::LoadExtensionTable(p_, client_, &x_, &e) == 0, "WSPIoctl %d", e);
   }
 
   void Run(FuzzInput& in) {
@@ -142,15 +138,6 @@ class Spi {
   }
 
  private:
-  template <typename F>
-  void Get(GUID g, F* fn) {
-    DWORD got = 0;
-    int e = 0;
-    FUZZ_CHECK(p_.lpWSPIoctl(client_, SIO_GET_EXTENSION_FUNCTION_POINTER, &g, sizeof g, fn,
-                             sizeof *fn, &got, nullptr, nullptr, nullptr, &e) == 0,
-               "WSPIoctl %d", e);
-  }
-
   void Connect() {
     int e = 0;
     SOCKET l = p_.lpWSPSocket(AF_INET, SOCK_STREAM, 0, nullptr, 0, 0, &e);
@@ -216,7 +203,7 @@ class Spi {
     const DWORD len = in.U16() % (kArena + kPage);
     const DWORD flags = Flags(in);
     int e = 0;
-    HANDLE h = reg_(Sock(side), p, len, flags, &e);
+    HANDLE h = x_.reg(Sock(side), p, len, flags, &e);
     if (h != nullptr) {
       FUZZ_CHECK(flags >= MEM_READ && flags <= MEM_READWRITE, "registered with flags %u", flags);
       FUZZ_CHECK(!TouchesGuard(p, len, arena), "registered a guard page");
@@ -238,7 +225,7 @@ class Spi {
     int e = 0;
     if (pick < 200 && !hs.empty()) {
       const size_t i = pick % hs.size();
-      const int rc = dereg_(Sock(side), hs[i].h, &e);
+      const int rc = x_.dereg(Sock(side), hs[i].h, &e);
       FUZZ_CHECK(rc == 0 || (e == WSAENOTCONN && broken_) || hs[i].doubtful,
                  "deregistering a live handle: %d", e);
       hs.erase(hs.begin() + static_cast<long>(i));
@@ -251,7 +238,7 @@ class Spi {
     for (const Handle& x : hs) {
       if (x.h == h) return;  // the forgery hit a live handle of this socket: not a forgery
     }
-    FUZZ_CHECK(dereg_(Sock(side), h, &e) == SOCKET_ERROR && OneOf(e, {WSAEINVAL, WSAENOTCONN}),
+    FUZZ_CHECK(x_.dereg(Sock(side), h, &e) == SOCKET_ERROR && OneOf(e, {WSAEINVAL, WSAENOTCONN}),
                "deregistering an unknown handle: %d", e);
   }
 
@@ -263,7 +250,7 @@ class Spi {
     DWORD n = in.U8() < 16 ? in.U8() % 64 : static_cast<DWORD>(desc.size());  // sometimes probe
     const DWORD given = n;
     int e = 0;
-    if (reg_rdma_(server_, p, len, flags, desc.data(), &n, &e) == 0) {
+    if (x_.reg_rdma(server_, p, len, flags, desc.data(), &n, &e) == 0) {
       FUZZ_CHECK(flags >= MEM_READ && flags <= MEM_READWRITE, "exposed with flags %u", flags);
       FUZZ_CHECK(!TouchesGuard(p, len, remote_), "exposed a guard page");
       FUZZ_CHECK(n > 0 && n <= given, "descriptor of %u bytes in a block of %u", n, given);
@@ -283,7 +270,7 @@ class Spi {
     if (pick < 200 && !exposed_.empty()) {
       const size_t i = pick % exposed_.size();
       Exposed& x = exposed_[i];
-      const int rc = dereg_rdma_(server_, x.desc.data(), static_cast<DWORD>(x.desc.size()), &e);
+      const int rc = x_.dereg_rdma(server_, x.desc.data(), static_cast<DWORD>(x.desc.size()), &e);
       FUZZ_CHECK(rc == 0 || (e == WSAENOTCONN && broken_) || x.revoked,
                  "deregistering a descriptor: %d", e);
       if (stale_.size() < 8) stale_.push_back(x.desc);
@@ -296,7 +283,7 @@ class Spi {
       forged = exposed_[pick % exposed_.size()].desc;
       forged[in.U8() % forged.size()] ^= static_cast<uint8_t>(in.U8() | 1);
     }
-    FUZZ_CHECK(dereg_rdma_(server_, forged.data(), static_cast<DWORD>(forged.size()), &e) ==
+    FUZZ_CHECK(x_.dereg_rdma(server_, forged.data(), static_cast<DWORD>(forged.size()), &e) ==
                        SOCKET_ERROR &&
                    OneOf(e, {WSAEINVAL, WSAEFAULT, WSAENOTCONN}),
                "deregistering a forged descriptor: %d", e);
@@ -373,7 +360,7 @@ class Spi {
     WSAOVERLAPPED ov{};
     DWORD bytes = 0;
     int e = 0;
-    auto fn = write ? write_ : read_;
+    auto fn = write ? x_.write : x_.read;
     const int rc = fn(client_, bufs, count, desc.data(), static_cast<DWORD>(desc.size()), offset,
                       &bytes, 0, &ov, nullptr, nullptr, &e);
     DWORD result = 0;
@@ -436,7 +423,7 @@ class Spi {
     char* p = Addr(in, arena);
     const size_t len = in.U16();
     int e = 0;
-    if (cache_cb_(p, len, &e) != 0) {
+    if (x_.cache_cb(p, len, &e) != 0) {
       FUZZ_CHECK(OneOf(e, {WSAEINVAL, WSAEFAULT}), "cache callback: %d", e);
     }
     // What overlaps the range's pages is dropped from the cache: descriptors are revoked, and the
@@ -459,21 +446,21 @@ class Spi {
     int e = 0;
     for (int side = 0; side < 2; ++side) {
       for (const Handle& h : handles_[side]) {
-        FUZZ_CHECK(dereg_(Sock(side), h.h, &e) == 0 || broken_ || h.doubtful,
+        FUZZ_CHECK(x_.dereg(Sock(side), h.h, &e) == 0 || broken_ || h.doubtful,
                    "cleanup deregister: %d", e);
       }
       handles_[side].clear();
     }
     for (const Exposed& x : exposed_) {
-      FUZZ_CHECK(dereg_rdma_(server_, const_cast<uint8_t*>(x.desc.data()),
-                             static_cast<DWORD>(x.desc.size()), &e) == 0 ||
+      FUZZ_CHECK(x_.dereg_rdma(server_, const_cast<uint8_t*>(x.desc.data()),
+                               static_cast<DWORD>(x.desc.size()), &e) == 0 ||
                      broken_ || x.revoked,
                  "cleanup deregister rdma: %d", e);
     }
     exposed_.clear();
     if (broken_) Reconnect();
-    cache_cb_(local_, kArena, &e);
-    cache_cb_(remote_, kArena, &e);
+    x_.cache_cb(local_, kArena, &e);
+    x_.cache_cb(remote_, kArena, &e);
     sanreg::spi::internal::FlushCacheForTest();
     FUZZ_CHECK(sanreg::spi::internal::RdmaRegistrationsForTest() == 0, "%zu RDMA registrations left",
                sanreg::spi::internal::RdmaRegistrationsForTest());
@@ -492,13 +479,7 @@ class Spi {
   std::vector<Exposed> exposed_;     // the server's
   // Descriptors deregistered, or exposed on an earlier connection (kept across Reconnect).
   std::vector<std::vector<uint8_t>> stale_;
-  LPFN_WSPREGISTERMEMORY reg_ = nullptr;
-  LPFN_WSPDEREGISTERMEMORY dereg_ = nullptr;
-  LPFN_WSPREGISTERRDMAMEMORY reg_rdma_ = nullptr;
-  LPFN_WSPDEREGISTERRDMAMEMORY dereg_rdma_ = nullptr;
-  LPFN_WSPRDMAWRITE write_ = nullptr;
-  LPFN_WSPRDMAREAD read_ = nullptr;
-  LPFN_WSPMEMORYREGISTRATIONCACHECALLBACK cache_cb_ = nullptr;
+  sanreg::ExtensionTable x_;  // the extension functions
 };
 
 }  // namespace

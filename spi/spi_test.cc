@@ -10,15 +10,16 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <map>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "datapath/remote_region.h"
 #include "regcache/registrar.h"
+#include "spi/extension_table.h"
 #include "spi/internal/spi_internal.h"
 #include "spi/ws2san.h"
 
@@ -83,24 +84,10 @@ class SpiTest : public ::testing::Test {
     started_ = true;
     MakePair(&client_, &server_);
     ASSERT_NE(client_, INVALID_SOCKET);
-    Get(GUID WSAID_REGISTERMEMORY, &reg_);
-    Get(GUID WSAID_DEREGISTERMEMORY, &dereg_);
-    Get(GUID WSAID_REGISTERRDMAMEMORY, &reg_rdma_);
-    Get(GUID WSAID_DEREGISTERRDMAMEMORY, &dereg_rdma_);
-    Get(GUID WSAID_RDMAWRITE, &write_);
-    Get(GUID WSAID_RDMAREAD, &read_);
-    Get(GUID WSAID_MEMORYREGISTRATIONCACHECALLBACK, &cache_cb_);
+    ASSERT_EQ(sanreg::LoadExtensionTable(p_, client_, &x_, &err_), 0) << err_;
   }
   void TearDown() override {
     if (started_) EXPECT_EQ(p_.lpWSPCleanup(&err_), 0);
-  }
-
-  template <typename F>
-  void Get(GUID g, F* fn) {
-    DWORD got = 0;
-    ASSERT_EQ(p_.lpWSPIoctl(client_, SIO_GET_EXTENSION_FUNCTION_POINTER, &g, sizeof g, fn,
-                            sizeof *fn, &got, nullptr, nullptr, nullptr, &err_),
-              0);
   }
 
   // A connected pair over loopback: *c connected to *s.
@@ -131,14 +118,14 @@ class SpiTest : public ::testing::Test {
   }
 
   HANDLE Register(SOCKET s, void* buf, DWORD len, DWORD flags) {
-    HANDLE h = reg_(s, buf, len, flags, &err_);
+    HANDLE h = x_.reg(s, buf, len, flags, &err_);
     EXPECT_NE(h, nullptr) << err_;
     return h;
   }
   std::vector<uint8_t> RegisterRdma(SOCKET s, void* buf, DWORD len, DWORD flags) {
     std::vector<uint8_t> d(256);
     DWORD n = static_cast<DWORD>(d.size());
-    EXPECT_EQ(reg_rdma_(s, buf, len, flags, d.data(), &n, &err_), 0) << err_;
+    EXPECT_EQ(x_.reg_rdma(s, buf, len, flags, d.data(), &n, &err_), 0) << err_;
     d.resize(n);
     return d;
   }
@@ -151,7 +138,7 @@ class SpiTest : public ::testing::Test {
     }
     WSABUFEX b{len, static_cast<char*>(buf), h};
     DWORD bytes = 0;
-    auto fn = write ? write_ : read_;
+    auto fn = write ? x_.write : x_.read;
     return fn(s, &b, 1, desc.data(), static_cast<DWORD>(desc.size()), offset, &bytes, 0, ov,
               nullptr, nullptr, &err_);
   }
@@ -186,13 +173,7 @@ class SpiTest : public ::testing::Test {
   int err_ = 0;
   SOCKET client_ = INVALID_SOCKET;
   SOCKET server_ = INVALID_SOCKET;
-  LPFN_WSPREGISTERMEMORY reg_ = nullptr;
-  LPFN_WSPDEREGISTERMEMORY dereg_ = nullptr;
-  LPFN_WSPREGISTERRDMAMEMORY reg_rdma_ = nullptr;
-  LPFN_WSPDEREGISTERRDMAMEMORY dereg_rdma_ = nullptr;
-  LPFN_WSPRDMAWRITE write_ = nullptr;
-  LPFN_WSPRDMAREAD read_ = nullptr;
-  LPFN_WSPMEMORYREGISTRATIONCACHECALLBACK cache_cb_ = nullptr;
+  sanreg::ExtensionTable x_;  // the extension functions
 };
 
 // ---- Entry points ----
@@ -276,13 +257,13 @@ TEST_F(SpiTest, UnknownGuidIsWsaeinval) {
 TEST_F(SpiTest, InvalidSocketIsWsaenotsock) {
   const SOCKET bad = client_ ^ 0x10000;
   Mapped m(4096);
-  EXPECT_EQ(reg_(bad, m.data(), 4096, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(bad, m.data(), 4096, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSAENOTSOCK);
   EXPECT_EQ(p_.lpWSPCloseSocket(INVALID_SOCKET, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAENOTSOCK);
   DWORD n = 64;
   std::vector<uint8_t> d(64);
-  EXPECT_EQ(reg_rdma_(bad, m.data(), 4096, MEM_READ, d.data(), &n, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.reg_rdma(bad, m.data(), 4096, MEM_READ, d.data(), &n, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAENOTSOCK);
   EXPECT_EQ(Rdma(true, bad, m.data(), 16, nullptr, d, 0, nullptr), SOCKET_ERROR);
   EXPECT_NE(err_, 0);
@@ -292,7 +273,7 @@ TEST_F(SpiTest, CallsAfterCleanupAreWsanotinitialised) {
   ASSERT_EQ(p_.lpWSPCleanup(&err_), 0);
   started_ = false;
   Mapped m(4096);
-  EXPECT_EQ(reg_(client_, m.data(), 4096, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(client_, m.data(), 4096, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSANOTINITIALISED);
   EXPECT_EQ(p_.lpWSPCleanup(&err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSANOTINITIALISED);
@@ -303,7 +284,7 @@ TEST_F(SpiTest, CallsAfterCleanupAreWsanotinitialised) {
 TEST_F(SpiTest, RegisterMemoryWithBadFlagsIsWsaeinval) {
   Mapped m(4096);
   for (DWORD flags : {DWORD{0}, DWORD{4}, DWORD{0x80000001}}) {
-    EXPECT_EQ(reg_(client_, m.data(), 4096, flags, &err_), nullptr);
+    EXPECT_EQ(x_.reg(client_, m.data(), 4096, flags, &err_), nullptr);
     EXPECT_EQ(err_, WSAEINVAL);
   }
 }
@@ -312,18 +293,18 @@ TEST_F(SpiTest, RegisterMemoryOfInvalidRangeIsWsaefault) {
   Mapped m(8192);
   char* p = m.data();
   munmap(p + 4096, 4096);  // the second page is gone
-  EXPECT_EQ(reg_(client_, p, 8192, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(client_, p, 8192, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSAEFAULT);
-  EXPECT_EQ(reg_(client_, nullptr, 4096, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(client_, nullptr, 4096, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSAEFAULT);
-  EXPECT_EQ(reg_(client_, p, 0, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(client_, p, 0, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSAEFAULT);
 }
 
 TEST_F(SpiTest, RegisterMemoryOnUnconnectedSocketIsWsaenotconn) {
   SOCKET s = p_.lpWSPSocket(AF_INET, SOCK_STREAM, 0, nullptr, 0, 0, &err_);
   Mapped m(4096);
-  EXPECT_EQ(reg_(s, m.data(), 4096, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(s, m.data(), 4096, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSAENOTCONN);
 }
 
@@ -334,46 +315,46 @@ TEST_F(SpiTest, ForgedHandleIsWsaeinval) {
     uintptr_t forged;
     ASSERT_EQ(getrandom(&forged, sizeof forged, 0), static_cast<ssize_t>(sizeof forged));
     if (forged == reinterpret_cast<uintptr_t>(h)) continue;
-    EXPECT_EQ(dereg_(client_, reinterpret_cast<HANDLE>(forged), &err_), SOCKET_ERROR);
+    EXPECT_EQ(x_.dereg(client_, reinterpret_cast<HANDLE>(forged), &err_), SOCKET_ERROR);
     EXPECT_EQ(err_, WSAEINVAL);
   }
   // Near misses: the same slot with another generation, the neighbouring slots.
   for (uintptr_t delta : {uintptr_t{1}, uintptr_t{1} << 32, uintptr_t{3} << 32}) {
-    EXPECT_EQ(dereg_(client_, reinterpret_cast<HANDLE>(reinterpret_cast<uintptr_t>(h) ^ delta),
-                     &err_),
-              SOCKET_ERROR);
+    EXPECT_EQ(
+        x_.dereg(client_, reinterpret_cast<HANDLE>(reinterpret_cast<uintptr_t>(h) ^ delta), &err_),
+        SOCKET_ERROR);
     EXPECT_EQ(err_, WSAEINVAL);
   }
-  EXPECT_EQ(dereg_(client_, nullptr, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg(client_, nullptr, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
-  EXPECT_EQ(dereg_(client_, h, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), 0);
 }
 
 TEST_F(SpiTest, StaleHandleIsWsaeinval) {
   Mapped m(4096);
   HANDLE h = Register(client_, m.data(), 4096, MEM_READ);
-  ASSERT_EQ(dereg_(client_, h, &err_), 0);
-  EXPECT_EQ(dereg_(client_, h, &err_), SOCKET_ERROR);
+  ASSERT_EQ(x_.dereg(client_, h, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
   // The slot is reused by the next registration; the old handle still names nothing.
   HANDLE h2 = Register(client_, m.data(), 4096, MEM_READ);
   EXPECT_NE(h2, h);
-  EXPECT_EQ(dereg_(client_, h, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
-  EXPECT_EQ(dereg_(client_, h2, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h2, &err_), 0);
 }
 
 TEST_F(SpiTest, HandleIsValidOnlyOnTheSocketThatRegisteredIt) {
   Mapped src(4096), tgt(4096);
   HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
-  EXPECT_EQ(dereg_(server_, h, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg(server_, h, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
   // A transfer on the other socket with it is refused too.
   std::vector<uint8_t> desc = RegisterRdma(client_, tgt.data(), 4096, MEM_WRITE);
   WSAOVERLAPPED ov{};
   EXPECT_EQ(Rdma(true, server_, src.data(), 16, h, desc, 0, &ov), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
-  EXPECT_EQ(dereg_(client_, h, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), 0);
 }
 
 TEST_F(SpiTest, RepeatedRegistrationCountsReferences) {
@@ -383,42 +364,42 @@ TEST_F(SpiTest, RepeatedRegistrationCountsReferences) {
   HANDLE h1 = Register(client_, src.data(), 4096, MEM_READ);
   HANDLE h2 = Register(client_, src.data(), 4096, MEM_READ);
   std::vector<uint8_t> desc = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
-  ASSERT_EQ(dereg_(client_, h1, &err_), 0);
+  ASSERT_EQ(x_.dereg(client_, h1, &err_), 0);
   // The other reference still holds the registration: a write through it works.
   ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 4096, h2, desc), 0u);
   EXPECT_EQ(std::memcmp(tgt.data(), src.data(), 4096), 0);
-  EXPECT_EQ(dereg_(client_, h2, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h2, &err_), 0);
 }
 
 TEST_F(SpiTest, LastDeregistrationKeepsTheBufferCachedAndTheNextRegistrationIsAHit) {
   Mapped m(1 << 16);
   HANDLE h = Register(client_, m.data(), 1 << 16, MEM_READ);
-  ASSERT_EQ(dereg_(client_, h, &err_), 0);
+  ASSERT_EQ(x_.dereg(client_, h, &err_), 0);
   sanreg::CacheStats before = sanreg::spi::internal::CacheStatsForTest();
   h = Register(client_, m.data(), 1 << 16, MEM_READ);
   sanreg::CacheStats after = sanreg::spi::internal::CacheStatsForTest();
   EXPECT_EQ(after.registrations, before.registrations);
   EXPECT_EQ(after.hits, before.hits + 1);
-  EXPECT_EQ(dereg_(client_, h, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), 0);
 }
 
 TEST_F(SpiTest, DescriptorProbeReportsNeededSize) {
   Mapped m(4096);
   DWORD n = 0;
-  EXPECT_EQ(reg_rdma_(server_, m.data(), 4096, MEM_READ, nullptr, &n, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.reg_rdma(server_, m.data(), 4096, MEM_READ, nullptr, &n, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
   ASSERT_GT(n, 0u);
   std::vector<uint8_t> d(n - 1);
   DWORD small = n - 1;
-  EXPECT_EQ(reg_rdma_(server_, m.data(), 4096, MEM_READ, d.data(), &small, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.reg_rdma(server_, m.data(), 4096, MEM_READ, d.data(), &small, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
   EXPECT_EQ(small, n);
   d.resize(n + 100);
   DWORD big = n + 100;
-  ASSERT_EQ(reg_rdma_(server_, m.data(), 4096, MEM_READ, d.data(), &big, &err_), 0);
+  ASSERT_EQ(x_.reg_rdma(server_, m.data(), 4096, MEM_READ, d.data(), &big, &err_), 0);
   EXPECT_EQ(big, n);  // on success: the size written
   d.resize(big);
-  EXPECT_EQ(dereg_rdma_(server_, d.data(), big, &err_), 0);
+  EXPECT_EQ(x_.dereg_rdma(server_, d.data(), big, &err_), 0);
   EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 0u);
 }
 
@@ -427,19 +408,19 @@ TEST_F(SpiTest, DeregisterRdmaOfForgedOrTruncatedDescriptorIsWsaeinval) {
   std::vector<uint8_t> d = RegisterRdma(server_, m.data(), 4096, MEM_READ);
   std::vector<uint8_t> forged(d.size());
   ASSERT_EQ(getrandom(forged.data(), forged.size(), 0), static_cast<ssize_t>(forged.size()));
-  EXPECT_EQ(dereg_rdma_(server_, forged.data(), static_cast<DWORD>(forged.size()), &err_),
+  EXPECT_EQ(x_.dereg_rdma(server_, forged.data(), static_cast<DWORD>(forged.size()), &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
-  EXPECT_EQ(dereg_rdma_(server_, d.data(), static_cast<DWORD>(d.size()) - 1, &err_),
+  EXPECT_EQ(x_.dereg_rdma(server_, d.data(), static_cast<DWORD>(d.size()) - 1, &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
   // Foreign: the descriptor is not registered on the other socket.
-  EXPECT_EQ(dereg_rdma_(client_, d.data(), static_cast<DWORD>(d.size()), &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg_rdma(client_, d.data(), static_cast<DWORD>(d.size()), &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
   EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 1u);
-  EXPECT_EQ(dereg_rdma_(server_, d.data(), static_cast<DWORD>(d.size()), &err_), 0);
+  EXPECT_EQ(x_.dereg_rdma(server_, d.data(), static_cast<DWORD>(d.size()), &err_), 0);
   // Stale: deregistered already.
-  EXPECT_EQ(dereg_rdma_(server_, d.data(), static_cast<DWORD>(d.size()), &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg_rdma(server_, d.data(), static_cast<DWORD>(d.size()), &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
 }
 
@@ -680,7 +661,7 @@ TEST_F(SpiTest, CompletionRoutineIsWsaeopnotsupp) {
   WSAOVERLAPPED ov{};
   DWORD bytes = 0;
   auto routine = [](DWORD, DWORD, LPWSAOVERLAPPED, DWORD) {};
-  EXPECT_EQ(write_(client_, &b, 1, desc.data(), 64, 0, &bytes, 0, &ov, routine, nullptr, &err_),
+  EXPECT_EQ(x_.write(client_, &b, 1, desc.data(), 64, 0, &bytes, 0, &ov, routine, nullptr, &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEOPNOTSUPP);
 }
@@ -703,7 +684,7 @@ TEST_F(SpiTest, DeregisterWhileInFlightIsWsaeinvalAndCloseAbortsTransfersInFligh
     std::lock_guard<std::mutex> l(g_mu);
     last_done = g_upcalls.count(&ovs[kOps - 1]) > 0;
   }
-  int rc = dereg_(client_, h, &err_);
+  int rc = x_.dereg(client_, h, &err_);
   if (!last_done) {
     // Only meaningful while the last one had not completed when checked (it is then in flight or
     // completing): the deregistration may not take the memory away from under it.
@@ -720,7 +701,7 @@ TEST_F(SpiTest, DeregisterWhileInFlightIsWsaeinvalAndCloseAbortsTransfersInFligh
   }
   EXPECT_GT(aborted, 0);
   // The handle went with the socket.
-  EXPECT_EQ(dereg_(client_, h, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), SOCKET_ERROR);
 }
 
 // ---- Caching ----
@@ -733,11 +714,11 @@ TEST_F(SpiTest, LastRdmaDeregistrationRevokesPeerAccess) {
   std::vector<uint8_t> d1 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
   std::vector<uint8_t> d2 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
   EXPECT_EQ(d1, d2);  // the same registration, counted twice
-  ASSERT_EQ(dereg_rdma_(server_, d1.data(), 64, &err_), 0);
+  ASSERT_EQ(x_.dereg_rdma(server_, d1.data(), 64, &err_), 0);
   ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 100, h, d1), 0u);  // one reference left
   EXPECT_EQ(std::memcmp(tgt.data(), src.data(), 100), 0);
   std::memset(tgt.data(), 0, 4096);
-  ASSERT_EQ(dereg_rdma_(server_, d1.data(), 64, &err_), 0);
+  ASSERT_EQ(x_.dereg_rdma(server_, d1.data(), 64, &err_), 0);
   // The peer lost access at once, though the pages stay pinned in the cache.
   WSAOVERLAPPED ov{};
   int rc = Rdma(true, client_, src.data(), 100, h, d1, 0, &ov);
@@ -755,13 +736,13 @@ TEST_F(SpiTest, RdmaRegistrationAfterTheLastDeregistrationReExposes) {
   std::memset(tgt.data(), 0, 4096);
   HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
   std::vector<uint8_t> d1 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
-  ASSERT_EQ(dereg_rdma_(server_, d1.data(), 64, &err_), 0);
+  ASSERT_EQ(x_.dereg_rdma(server_, d1.data(), 64, &err_), 0);
   sanreg::CacheStats before = sanreg::spi::internal::CacheStatsForTest();
   std::vector<uint8_t> d2 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
   sanreg::CacheStats after = sanreg::spi::internal::CacheStatsForTest();
   EXPECT_EQ(after.hits, before.hits + 1);  // the pinning stayed cached
   EXPECT_NE(d1, d2);
-  EXPECT_EQ(dereg_rdma_(server_, d1.data(), 64, &err_), SOCKET_ERROR);  // d1 is stale
+  EXPECT_EQ(x_.dereg_rdma(server_, d1.data(), 64, &err_), SOCKET_ERROR);  // d1 is stale
   EXPECT_EQ(err_, WSAEINVAL);
   ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 4096, h, d2), 0u);
   EXPECT_EQ(std::memcmp(tgt.data(), src.data(), 4096), 0);
@@ -770,23 +751,23 @@ TEST_F(SpiTest, RdmaRegistrationAfterTheLastDeregistrationReExposes) {
 TEST_F(SpiTest, CacheCallbackDropsCachedRegistration) {
   Mapped m(1 << 16);
   HANDLE h = Register(client_, m.data(), 1 << 16, MEM_READ);
-  ASSERT_EQ(dereg_(client_, h, &err_), 0);
+  ASSERT_EQ(x_.dereg(client_, h, &err_), 0);
   sanreg::CacheStats before = sanreg::spi::internal::CacheStatsForTest();
-  ASSERT_EQ(cache_cb_(m.data(), 1 << 16, &err_), 0) << err_;
+  ASSERT_EQ(x_.cache_cb(m.data(), 1 << 16, &err_), 0) << err_;
   sanreg::CacheStats mid = sanreg::spi::internal::CacheStatsForTest();
   EXPECT_GT(mid.invalidations, before.invalidations);
   EXPECT_GT(mid.deregistrations, before.deregistrations);  // deregistered before it returned
   h = Register(client_, m.data(), 1 << 16, MEM_READ);
   sanreg::CacheStats after = sanreg::spi::internal::CacheStatsForTest();
   EXPECT_EQ(after.registrations, mid.registrations + 1);  // registered anew
-  EXPECT_EQ(dereg_(client_, h, &err_), 0);
+  EXPECT_EQ(x_.dereg(client_, h, &err_), 0);
 }
 
 TEST_F(SpiTest, CacheCallbackOfUncachedRangeIsWsaeinval) {
   Mapped m(4096);
-  EXPECT_EQ(cache_cb_(m.data(), 4096, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.cache_cb(m.data(), 4096, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
-  EXPECT_EQ(cache_cb_(m.data(), 0, &err_), SOCKET_ERROR);
+  EXPECT_EQ(x_.cache_cb(m.data(), 0, &err_), SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEINVAL);
 }
 
@@ -800,14 +781,14 @@ TEST_F(SpiTest, ACompletedTransferHoldsNoRegistration) {
   for (int i = 0; i < 50; ++i) {
     HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
     ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 4096, h, desc), 0u);
-    ASSERT_EQ(dereg_(client_, h, &err_), 0) << err_;
-    ASSERT_EQ(cache_cb_(src.data(), 4096, &err_), 0) << err_;
+    ASSERT_EQ(x_.dereg(client_, h, &err_), 0) << err_;
+    ASSERT_EQ(x_.cache_cb(src.data(), 4096, &err_), 0) << err_;
     sanreg::spi::internal::FlushCacheForTest();
     // What stays pinned is the target's exposed page only.
     ASSERT_EQ(sanreg::spi::internal::CacheStatsForTest().pinned_bytes, 4096u) << "round " << i;
   }
   EXPECT_EQ(std::memcmp(dst.data(), src.data(), 4096), 0);
-  EXPECT_EQ(dereg_rdma_(server_, desc.data(), static_cast<DWORD>(desc.size()), &err_), 0);
+  EXPECT_EQ(x_.dereg_rdma(server_, desc.data(), static_cast<DWORD>(desc.size()), &err_), 0);
 }
 
 // A mapping changes a page at a time: a callback over other bytes of an exposed range's page
@@ -817,7 +798,7 @@ TEST_F(SpiTest, CacheCallbackRevokesRdmaRegistrationsSharingAPageWithTheRange) {
   src.Fill(5);
   std::memset(dst.data(), 0, 4096);
   std::vector<uint8_t> desc = RegisterRdma(server_, dst.data() + 100, 100, MEM_WRITE);
-  ASSERT_EQ(cache_cb_(dst.data() + 300, 100, &err_), 0) << err_;
+  ASSERT_EQ(x_.cache_cb(dst.data() + 300, 100, &err_), 0) << err_;
   HANDLE h = Register(client_, src.data(), 100, MEM_READ);
   EXPECT_NE(RdmaAndWait(true, client_, src.data(), 100, h, desc), 0u);
   for (int i = 0; i < 4096; ++i) ASSERT_EQ(dst.data()[i], 0) << "byte " << i << " was written";
@@ -829,14 +810,14 @@ TEST_F(SpiTest, CacheCallbackRevokesRdmaRegistrationsOverTheRange) {
   std::memset(tgt.data(), 0, 4096);
   HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
   std::vector<uint8_t> d = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
-  ASSERT_EQ(cache_cb_(tgt.data(), 4096, &err_), 0);
+  ASSERT_EQ(x_.cache_cb(tgt.data(), 4096, &err_), 0);
   WSAOVERLAPPED ov{};
   int rc = Rdma(true, client_, src.data(), 100, h, d, 0, &ov);
   if (rc == SOCKET_ERROR && err_ == WSA_IO_PENDING) {
     EXPECT_NE(WaitUpcall(&ov).error, 0u);
   }
   EXPECT_EQ(std::memcmp(tgt.data(), std::vector<char>(4096, 0).data(), 4096), 0);
-  EXPECT_EQ(dereg_rdma_(server_, d.data(), 64, &err_), 0);
+  EXPECT_EQ(x_.dereg_rdma(server_, d.data(), 64, &err_), 0);
 }
 
 TEST_F(SpiTest, RdmaRegistrationAfterTheCacheCallbackGetsANewDescriptor) {
@@ -845,14 +826,14 @@ TEST_F(SpiTest, RdmaRegistrationAfterTheCacheCallbackGetsANewDescriptor) {
   std::memset(tgt.data(), 0, 4096);
   HANDLE h = Register(client_, src.data(), 4096, MEM_READ);
   std::vector<uint8_t> d1 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
-  ASSERT_EQ(cache_cb_(tgt.data(), 4096, &err_), 0);
+  ASSERT_EQ(x_.cache_cb(tgt.data(), 4096, &err_), 0);
   std::vector<uint8_t> d2 = RegisterRdma(server_, tgt.data(), 4096, MEM_WRITE);
   EXPECT_NE(d1, d2);
   ASSERT_EQ(RdmaAndWait(true, client_, src.data(), 4096, h, d2), 0u);
   EXPECT_EQ(std::memcmp(tgt.data(), src.data(), 4096), 0);
-  EXPECT_EQ(dereg_rdma_(server_, d1.data(), 64, &err_), 0);  // the revoked one, still counted
+  EXPECT_EQ(x_.dereg_rdma(server_, d1.data(), 64, &err_), 0);  // the revoked one, still counted
   EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 1u);
-  EXPECT_EQ(dereg_rdma_(server_, d2.data(), 64, &err_), 0);
+  EXPECT_EQ(x_.dereg_rdma(server_, d2.data(), 64, &err_), 0);
   EXPECT_EQ(sanreg::spi::internal::RdmaRegistrationsForTest(), 0u);
 }
 
@@ -860,19 +841,19 @@ TEST_F(SpiTest, RdmaRegistrationAfterTheCacheCallbackGetsANewDescriptor) {
 
 TEST_F(SpiTest, NullErrorPointerFailsWithoutCrashing) {
   Mapped m(4096);
-  EXPECT_EQ(reg_(client_, m.data(), 4096, MEM_READ, nullptr), nullptr);
-  EXPECT_EQ(dereg_(client_, nullptr, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(x_.reg(client_, m.data(), 4096, MEM_READ, nullptr), nullptr);
+  EXPECT_EQ(x_.dereg(client_, nullptr, nullptr), SOCKET_ERROR);
   DWORD n = 64;
   uint8_t d[64] = {};
-  EXPECT_EQ(reg_rdma_(client_, m.data(), 4096, MEM_READ, d, &n, nullptr), SOCKET_ERROR);
-  EXPECT_EQ(dereg_rdma_(client_, d, 64, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(x_.reg_rdma(client_, m.data(), 4096, MEM_READ, d, &n, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(x_.dereg_rdma(client_, d, 64, nullptr), SOCKET_ERROR);
   WSABUFEX b{16, m.data(), nullptr};
   WSAOVERLAPPED ov{};
-  EXPECT_EQ(write_(client_, &b, 1, d, 64, 0, nullptr, 0, &ov, nullptr, nullptr, nullptr),
+  EXPECT_EQ(x_.write(client_, &b, 1, d, 64, 0, nullptr, 0, &ov, nullptr, nullptr, nullptr),
             SOCKET_ERROR);
-  EXPECT_EQ(read_(client_, &b, 1, d, 64, 0, nullptr, 0, &ov, nullptr, nullptr, nullptr),
+  EXPECT_EQ(x_.read(client_, &b, 1, d, 64, 0, nullptr, 0, &ov, nullptr, nullptr, nullptr),
             SOCKET_ERROR);
-  EXPECT_EQ(cache_cb_(m.data(), 4096, nullptr), SOCKET_ERROR);
+  EXPECT_EQ(x_.cache_cb(m.data(), 4096, nullptr), SOCKET_ERROR);
   EXPECT_EQ(p_.lpWSPSocket(AF_INET, SOCK_STREAM, 0, nullptr, 0, 0, nullptr), INVALID_SOCKET);
   EXPECT_EQ(p_.lpWSPCloseSocket(client_, nullptr), SOCKET_ERROR);
   EXPECT_EQ(p_.lpWSPShutdown(client_, 0, nullptr), SOCKET_ERROR);
@@ -886,29 +867,29 @@ TEST_F(SpiTest, NullPointersAndBadCountsAreClearErrors) {
   for (auto& x : b) x = WSABUFEX{16, src.data(), h};
   WSAOVERLAPPED ov{};
   DWORD bytes = 0;
-  EXPECT_EQ(write_(client_, nullptr, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr,
-                   &err_),
+  EXPECT_EQ(
+      x_.write(client_, nullptr, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+      SOCKET_ERROR);
+  EXPECT_EQ(err_, WSAEFAULT);
+  EXPECT_EQ(x_.write(client_, b, 1, nullptr, 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
-  EXPECT_EQ(write_(client_, b, 1, nullptr, 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
-            SOCKET_ERROR);
-  EXPECT_EQ(err_, WSAEFAULT);
-  EXPECT_EQ(write_(client_, b, 1, desc.data(), 64, 0, &bytes, 0, nullptr, nullptr, nullptr,
-                   &err_),
-            SOCKET_ERROR);
+  EXPECT_EQ(
+      x_.write(client_, b, 1, desc.data(), 64, 0, &bytes, 0, nullptr, nullptr, nullptr, &err_),
+      SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
   for (DWORD count : {DWORD{0}, DWORD{5}, DWORD{0xFFFFFFFF}}) {
-    EXPECT_EQ(write_(client_, b, count, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr,
-                     &err_),
-              SOCKET_ERROR);
+    EXPECT_EQ(
+        x_.write(client_, b, count, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+        SOCKET_ERROR);
     EXPECT_EQ(err_, WSAEINVAL);
   }
   b[0].len = 0;
-  EXPECT_EQ(write_(client_, b, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+  EXPECT_EQ(x_.write(client_, b, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
   b[0].len = 0xFFFFFFFF;
-  EXPECT_EQ(write_(client_, b, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
+  EXPECT_EQ(x_.write(client_, b, 1, desc.data(), 64, 0, &bytes, 0, &ov, nullptr, nullptr, &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
   // Offsets past the end, including ones that would wrap.
@@ -918,10 +899,10 @@ TEST_F(SpiTest, NullPointersAndBadCountsAreClearErrors) {
     EXPECT_NE(err_, 0);
   }
   // Registration: NULL desc_len, huge length.
-  EXPECT_EQ(reg_rdma_(server_, tgt.data(), 4096, MEM_WRITE, desc.data(), nullptr, &err_),
+  EXPECT_EQ(x_.reg_rdma(server_, tgt.data(), 4096, MEM_WRITE, desc.data(), nullptr, &err_),
             SOCKET_ERROR);
   EXPECT_EQ(err_, WSAEFAULT);
-  EXPECT_EQ(reg_(client_, src.data(), 0xFFFFFFFF, MEM_READ, &err_), nullptr);
+  EXPECT_EQ(x_.reg(client_, src.data(), 0xFFFFFFFF, MEM_READ, &err_), nullptr);
   EXPECT_EQ(err_, WSAEFAULT);
   // Overlapped result: NULL pointers.
   DWORD flags = 0;
@@ -960,7 +941,7 @@ TEST_F(SpiTest, RandomAndMutatedDescriptorsAreRefusedAndMoveNothing) {
     }
     EXPECT_EQ(Rdma(true, client_, src.data(), 16, h, d, 0, &ov), SOCKET_ERROR);
     EXPECT_EQ(err_, WSAEINVAL);
-    EXPECT_EQ(dereg_rdma_(server_, d.data(), 64, &err_), SOCKET_ERROR);
+    EXPECT_EQ(x_.dereg_rdma(server_, d.data(), 64, &err_), SOCKET_ERROR);
     EXPECT_EQ(err_, WSAEINVAL);
   }
   EXPECT_EQ(std::memcmp(tgt.data(), std::vector<char>(4096, 0).data(), 4096), 0);

@@ -66,6 +66,7 @@
 #include "regcache/cache.h"
 #include "regcache/pin_registrar.h"
 #include "regcache/stats_segment.h"
+#include "spi/extension_table.h"
 #include "spi/ws2san.h"
 #include "tools/internal/cli.h"
 
@@ -238,12 +239,7 @@ Config ValidatedConfig() {
 // The procedure table WSPStartupEx fills and the extension functions WSPIoctl hands out.
 struct SpiFunctions {
   WSPPROC_TABLE procs{};
-  LPFN_WSPREGISTERMEMORY register_memory = nullptr;
-  LPFN_WSPDEREGISTERMEMORY deregister_memory = nullptr;
-  LPFN_WSPREGISTERRDMAMEMORY register_rdma_memory = nullptr;
-  LPFN_WSPDEREGISTERRDMAMEMORY deregister_rdma_memory = nullptr;
-  LPFN_WSPRDMAWRITE rdma_write = nullptr;
-  LPFN_WSPMEMORYREGISTRATIONCACHECALLBACK cache_callback = nullptr;
+  ExtensionTable x;
 };
 
 absl::Status WsaError(const char* call, int err) {
@@ -271,26 +267,9 @@ int SpiStartup(const std::string& provider, SpiFunctions* fns) {
 
 // Fetches the extension functions with WSPIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER) on `s`.
 absl::Status SpiExtensions(SOCKET s, SpiFunctions* fns) {
-  struct Want {
-    GUID guid;
-    void* fn;
-  };
-  const Want wants[] = {
-      {WSAID_REGISTERMEMORY, &fns->register_memory},
-      {WSAID_DEREGISTERMEMORY, &fns->deregister_memory},
-      {WSAID_REGISTERRDMAMEMORY, &fns->register_rdma_memory},
-      {WSAID_DEREGISTERRDMAMEMORY, &fns->deregister_rdma_memory},
-      {WSAID_RDMAWRITE, &fns->rdma_write},
-      {WSAID_MEMORYREGISTRATIONCACHECALLBACK, &fns->cache_callback},
-  };
-  for (const Want& w : wants) {
-    GUID g = w.guid;
-    DWORD got = 0;
-    int err = 0;
-    if (fns->procs.lpWSPIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &g, sizeof g, w.fn,
-                              sizeof(void*), &got, nullptr, nullptr, nullptr, &err) != 0) {
-      return WsaError("WSPIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER)", err);
-    }
+  int err = 0;
+  if (LoadExtensionTable(fns->procs, s, &fns->x, &err) != 0) {
+    return WsaError("WSPIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER)", err);
   }
   return absl::OkStatus();
 }
@@ -396,21 +375,21 @@ absl::Status SpiExtensions(SOCKET s, SpiFunctions* fns) {
   char c;
   while (ReadFull(in, &c, 1)) {
     if (conn != INVALID_SOCKET) {
-      (void)fns.deregister_rdma_memory(conn, desc, desc_len, &err);
+      (void)fns.x.dereg_rdma(conn, desc, desc_len, &err);
       (void)fns.procs.lpWSPCloseSocket(conn, &err);
     }
     conn = fns.procs.lpWSPAccept(l, nullptr, nullptr, nullptr, 0, &err);
     if (conn == INVALID_SOCKET) TargetFail("accept", WsaError("WSPAccept", err), 6);
     desc_len = sizeof desc;
-    if (fns.register_rdma_memory(conn, p, static_cast<DWORD>(region_bytes), MEM_WRITE, desc,
-                                 &desc_len, &err) != 0) {
+    if (fns.x.reg_rdma(conn, p, static_cast<DWORD>(region_bytes), MEM_WRITE, desc, &desc_len,
+                       &err) != 0) {
       TargetFail("expose", WsaError("WSPRegisterRdmaMemory", err), 8);
     }
     uint32_t len = desc_len;
     if (!WriteFull(out, &len, sizeof len) || !WriteFull(out, desc, len)) _exit(10);
   }
   if (conn != INVALID_SOCKET) {
-    (void)fns.deregister_rdma_memory(conn, desc, desc_len, &err);
+    (void)fns.x.dereg_rdma(conn, desc, desc_len, &err);
     (void)fns.procs.lpWSPCloseSocket(conn, &err);
   }
   (void)fns.procs.lpWSPCloseSocket(l, &err);
@@ -677,11 +656,11 @@ class SpiPath {
     uint8_t* scratch = MapBuffer(4096, &mapped);
     if (scratch == nullptr) return absl::ResourceExhaustedError("mmap");
     absl::Status warm;
-    HANDLE h = fns_.register_memory(s_, scratch, 4096, MEM_READ, &err);
+    HANDLE h = fns_.x.reg(s_, scratch, 4096, MEM_READ, &err);
     if (h == nullptr) warm = WsaError("WSPRegisterMemory", err);
     for (int i = 0; i < 8 && warm.ok(); ++i) warm = Write(scratch, 4096, h, 0);
-    if (h != nullptr) (void)fns_.deregister_memory(s_, h, &err);
-    (void)fns_.cache_callback(scratch, mapped, &err);
+    if (h != nullptr) (void)fns_.x.dereg(s_, h, &err);
+    (void)fns_.x.cache_cb(scratch, mapped, &err);
     munmap(scratch, mapped);
     if (!warm.ok()) return warm;
     auto before = CacheCounters();
@@ -693,7 +672,7 @@ class SpiPath {
   absl::Status Preregister(Buffer* b, size_t bytes) {
     int err = 0;
     const int64_t t = NowNs();
-    b->handle = fns_.register_memory(s_, b->data, static_cast<DWORD>(bytes), MEM_READ, &err);
+    b->handle = fns_.x.reg(s_, b->data, static_cast<DWORD>(bytes), MEM_READ, &err);
     ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
     return b->handle != nullptr ? absl::OkStatus() : WsaError("WSPRegisterMemory", err);
   }
@@ -702,15 +681,15 @@ class SpiPath {
     if (mode_ == "prereg") return Write(data, len, b->handle, offset);
     int err = 0;
     int64_t t = NowNs();
-    HANDLE h = fns_.register_memory(s_, data, static_cast<DWORD>(len), MEM_READ, &err);
+    HANDLE h = fns_.x.reg(s_, data, static_cast<DWORD>(len), MEM_READ, &err);
     ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
     if (h == nullptr) return WsaError("WSPRegisterMemory", err);
     absl::Status s = Write(data, len, h, offset);
     t = NowNs();
     absl::Status d;
-    if (fns_.deregister_memory(s_, h, &err) != 0) {
+    if (fns_.x.dereg(s_, h, &err) != 0) {
       d = WsaError("WSPDeregisterMemory", err);
-    } else if (mode_ == "nocache" && fns_.cache_callback(data, len, &err) != 0) {
+    } else if (mode_ == "nocache" && fns_.x.cache_cb(data, len, &err) != 0) {
       d = WsaError("WSPMemoryRegistrationCacheCallback", err);
     }
     ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
@@ -721,7 +700,7 @@ class SpiPath {
     if (mode_ != "cache") return;  // nocache dropped it already
     int err = 0;
     const int64_t t = NowNs();
-    (void)fns_.cache_callback(data, len, &err);
+    (void)fns_.x.cache_cb(data, len, &err);
     ns_.fetch_add(NowNs() - t, std::memory_order_relaxed);
   }
 
@@ -740,7 +719,7 @@ class SpiPath {
 
   void Unregister(Buffer* b) {
     int err = 0;
-    if (b->handle != nullptr) (void)fns_.deregister_memory(s_, b->handle, &err);
+    if (b->handle != nullptr) (void)fns_.x.dereg(s_, b->handle, &err);
     b->handle = nullptr;
   }
 
@@ -752,8 +731,8 @@ class SpiPath {
     ov.hEvent = reinterpret_cast<HANDLE>(uintptr_t{1});  // polled: no upcall
     DWORD bytes = 0, flags = 0;
     int err = 0;
-    if (fns_.rdma_write(s_, &buf, 1, desc_, desc_len_, static_cast<DWORD>(offset), &bytes, 0, &ov,
-                        nullptr, nullptr, &err) != 0) {
+    if (fns_.x.write(s_, &buf, 1, desc_, desc_len_, static_cast<DWORD>(offset), &bytes, 0, &ov,
+                     nullptr, nullptr, &err) != 0) {
       if (err != WSA_IO_PENDING) return WsaError("WSPRdmaWrite", err);
       if (!fns_.procs.lpWSPGetOverlappedResult(s_, &ov, &bytes, TRUE, &flags, &err)) {
         return WsaError("WSPRdmaWrite (WSPGetOverlappedResult)", err);
