@@ -88,8 +88,8 @@ ABSL_FLAG(int32_t, buffers, 16, "buffers per thread rotated through by the reuse
 ABSL_FLAG(int32_t, cache_regions, 8,
           "evict workload: the cache's region limit (the working set is twice as many buffers)");
 ABSL_FLAG(int32_t, repeat, 5,
-          "runs of each workload, size and mode, interleaved across modes; the run with the "
-          "median throughput is reported");
+          "runs of each workload, size and mode, interleaved across modes (each repetition starting "
+          "at the next mode); the run with the median throughput is reported");
 ABSL_FLAG(std::string, via, "cpp",
           "API both processes go through: cpp (the C++ API) or spi (the SAN SPI's C ABI, "
           "ws2san.h; sizes up to its SO_MAX_RDMA_SIZE, 16 MiB)");
@@ -1231,22 +1231,26 @@ int Main(int argc, char** argv) {
   const int64_t start = NowNs();
   for (const std::string& w : config.workloads) {
     for (size_t s : config.sizes) {
-      std::vector<std::vector<Result>> runs;  // per mode, every run
+      // Every run, per mode (in config.modes order). Each repetition starts at the next mode, so
+      // that no mode always runs right after the same other one (the one after nocache inherits
+      // its registration churn; the first after the warm-up, a colder target).
+      std::vector<std::vector<Result>> runs(config.modes.size());
       for (int rep = 0; rep < config.repeat; ++rep) {
-        size_t k = 0;
-        for (const std::string& m : config.modes) {
+        for (size_t i = 0; i < config.modes.size(); ++i) {
+          const size_t k = (i + static_cast<size_t>(rep)) % config.modes.size();
+          const std::string& m = config.modes[k];
           if (w == "churn" && m == "prereg") continue;  // fresh buffers cannot be registered early
           std::string label =
               absl::StrCat(w, " ", SizeName(s), " ", m, " (run ", rep + 1, "/", config.repeat, ")");
           auto r = bench.Run(w, m, s, label);
           if (!r.ok()) return fail(absl::StrCat(label, ": ", r.status().ToString()));
-          if (rep == 0) runs.emplace_back();
-          runs[k++].push_back(*r);
+          runs[k].push_back(*r);
         }
       }
       // The run with the median throughput (the machine is shared: the median is what a run
       // typically sees, where the best would favour whichever mode got luckier).
       for (auto& v : runs) {
+        if (v.empty()) continue;  // churn's prereg
         std::sort(v.begin(), v.end(),
                   [](const Result& a, const Result& b) { return a.ops_per_s < b.ops_per_s; });
         results.push_back(v[v.size() / 2]);
