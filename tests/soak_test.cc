@@ -155,16 +155,6 @@ int Hook(FaultSite site) {
   return 0;
 }
 
-#define SOAK_CHECK(cond, code, ...)                  \
-  do {                                               \
-    if (!(cond)) {                                   \
-      fprintf(stderr, "[%s] ", role);                \
-      fprintf(stderr, __VA_ARGS__);                  \
-      fprintf(stderr, " (exit %d)\n", code);         \
-      _exit(code);                                   \
-    }                                                \
-  } while (0)
-
 // ---- the target ----
 
 struct VerifyRequest {
@@ -180,57 +170,57 @@ struct VerifyRequest {
   o.provider = "tcp";
   o.apply_env = false;
   auto fabric = Fabric::Open(o);
-  SOAK_CHECK(fabric.ok(), 20, "Fabric::Open: %s", fabric.status().ToString().c_str());
+  CHILD_CHECK(fabric.ok(), 20, "Fabric::Open: %s", fabric.status().ToString().c_str());
   PinRegistrar pin;
   auto reg = (*fabric)->NewRegistrar(&pin);
   auto buf = Buffer::Make(reg.get(), kRegion, kRw | kRemoteRw);
-  SOAK_CHECK(buf.ok(), 21, "Buffer::Make: %s", buf.status().ToString().c_str());
+  CHILD_CHECK(buf.ok(), 21, "Buffer::Make: %s", buf.status().ToString().c_str());
   (*buf)->Fill(kTargetSeed);
   auto listener = (*fabric)->Listen(absl::StrCat(testing::kHostAddrA, ":0"));
-  SOAK_CHECK(listener.ok(), 22, "Listen: %s", listener.status().ToString().c_str());
+  CHILD_CHECK(listener.ok(), 22, "Listen: %s", listener.status().ToString().c_str());
   const uint16_t port = (*listener)->port();
-  SOAK_CHECK(WriteAll(out, &port, sizeof port), 23, "sending the port");
+  CHILD_CHECK(WriteAll(out, &port, sizeof port), 23, "sending the port");
   std::unique_ptr<Endpoint> ep;
   uint64_t accepted = 0;
   for (;;) {
     // Accept (the first connection, or after 'R'), expose, send the descriptor.
     auto next = (*listener)->Accept();
-    SOAK_CHECK(next.ok(), 24, "Accept %llu: %s", static_cast<unsigned long long>(accepted),
-               next.status().ToString().c_str());
+    CHILD_CHECK(next.ok(), 24, "Accept %llu: %s", static_cast<unsigned long long>(accepted),
+                next.status().ToString().c_str());
     ep = *std::move(next);
     ++accepted;
     auto region = ep->Expose((*buf)->reg(), (*buf)->data(), kRegion, kRemoteRw);
-    SOAK_CHECK(region.ok(), 25, "Expose: %s", region.status().ToString().c_str());
+    CHILD_CHECK(region.ok(), 25, "Expose: %s", region.status().ToString().c_str());
     std::array<uint8_t, RemoteRegion::kWireSize> wire;
-    SOAK_CHECK(region->Serialize(wire).ok() && WriteAll(out, wire.data(), wire.size()), 26,
-               "sending the descriptor");
+    CHILD_CHECK(region->Serialize(wire).ok() && WriteAll(out, wire.data(), wire.size()), 26,
+                "sending the descriptor");
     for (bool reconnect = false; !reconnect;) {
       char cmd = 0;
-      SOAK_CHECK(ReadWithin(in, &cmd, 1, absl::Hours(24)), 27, "the initiator went away");
+      CHILD_CHECK(ReadWithin(in, &cmd, 1, absl::Hours(24)), 27, "the initiator went away");
       if (cmd == 'R') {
         ep.reset();  // the initiator closed its end; it connects again
         reconnect = true;
       } else if (cmd == 'V') {
         VerifyRequest v;
-        SOAK_CHECK(ReadWithin(in, &v, sizeof v, kStep), 28, "verify request");
+        CHILD_CHECK(ReadWithin(in, &v, sizeof v, kStep), 28, "verify request");
         bool ok = v.offset >= kHalf && v.offset + v.length <= kRegion;
         for (size_t j = 0; ok && j < v.length; ++j) {
           ok = (*buf)->data()[v.offset + j] == Buffer::Pattern(v.seed, j);
         }
         const char answer = ok ? 'Y' : 'N';
-        SOAK_CHECK(WriteAll(out, &answer, 1), 29, "verify answer");
+        CHILD_CHECK(WriteAll(out, &answer, 1), 29, "verify answer");
       } else if (cmd == 'D') {
         bool ok = true;
         for (size_t j = 0; ok && j < kHalf; ++j) {
           ok = (*buf)->data()[j] == Buffer::Pattern(kTargetSeed, j);
         }
         const char answer = ok ? 'Y' : 'N';
-        SOAK_CHECK(WriteAll(out, &answer, 1), 30, "done answer");
+        CHILD_CHECK(WriteAll(out, &answer, 1), 30, "done answer");
         ep.reset();
         listener->reset();
         _exit(0);
       } else {
-        SOAK_CHECK(false, 31, "unknown command %d", cmd);
+        CHILD_CHECK(false, 31, "unknown command %d", cmd);
       }
     }
   }
@@ -289,22 +279,22 @@ class Initiator {
 
 void Initiator::Connect() {
   auto ep = fabric_->Connect(absl::StrCat(testing::kHostAddrA, ":", port_));
-  SOAK_CHECK(ep.ok(), 40, "Connect: %s", ep.status().ToString().c_str());
+  CHILD_CHECK(ep.ok(), 40, "Connect: %s", ep.status().ToString().c_str());
   ep_ = *std::move(ep);
-  SOAK_CHECK(ep_->provider_name().find("tcp") != std::string::npos, 41, "not tcp: %s",
-             ep_->provider_name().c_str());
+  CHILD_CHECK(ep_->provider_name().find("tcp") != std::string::npos, 41, "not tcp: %s",
+              ep_->provider_name().c_str());
   std::array<uint8_t, RemoteRegion::kWireSize> wire;
-  SOAK_CHECK(ReadWithin(in_, wire.data(), wire.size(), kStep), 42, "no descriptor");
+  CHILD_CHECK(ReadWithin(in_, wire.data(), wire.size(), kStep), 42, "no descriptor");
   auto region = RemoteRegion::Parse(wire);
-  SOAK_CHECK(region.ok(), 43, "Parse: %s", region.status().ToString().c_str());
-  SOAK_CHECK(region->connection == ep_->connection_id(), 44, "descriptor of another connection");
+  CHILD_CHECK(region.ok(), 43, "Parse: %s", region.status().ToString().c_str());
+  CHILD_CHECK(region->connection == ep_->connection_id(), 44, "descriptor of another connection");
   remote_ = *region;
 }
 
 void Initiator::Reconnect() {
   ep_.reset();
   const char cmd = 'R';
-  SOAK_CHECK(WriteAll(out_, &cmd, 1), 45, "sending 'R'");
+  CHILD_CHECK(WriteAll(out_, &cmd, 1), 45, "sending 'R'");
   Connect();
   ++fig_.reconnects;
 }
@@ -315,9 +305,9 @@ RegionRef Initiator::Acquire(uint8_t* p, size_t len) {
     if (ref.ok()) return *std::move(ref);
     // An injected registrar failure (kInternal) is retried; anything else is a mismatch (a stale
     // hit is kDataLoss).
-    SOAK_CHECK(ref.status().code() == absl::StatusCode::kInternal && attempt < 8, 46,
-               "Acquire(%p, %zu): %s", static_cast<void*>(p), len,
-               ref.status().ToString().c_str());
+    CHILD_CHECK(ref.status().code() == absl::StatusCode::kInternal && attempt < 8, 46,
+                "Acquire(%p, %zu): %s", static_cast<void*>(p), len,
+                ref.status().ToString().c_str());
     ++fig_.acquire_retries;
   }
 }
@@ -352,8 +342,8 @@ bool Initiator::TransferBatch() {
                                : ep_->Read({&s, 1}, remote_, op.remote, &op.c);
     if (!st.ok()) {
       // Only after an injected error completion failed the connection.
-      SOAK_CHECK(st.code() == absl::StatusCode::kUnavailable && g_faults.injected_completion > 0,
-                 47, "posting: %s", st.ToString().c_str());
+      CHILD_CHECK(st.code() == absl::StatusCode::kUnavailable && g_faults.injected_completion > 0,
+                  47, "posting: %s", st.ToString().c_str());
       break;
     }
     ++posted;
@@ -362,10 +352,10 @@ bool Initiator::TransferBatch() {
   for (size_t j = 0; j < posted; ++j) {
     ops[j].c.Wait();
     if (!ops[j].c.status().ok()) {
-      SOAK_CHECK(ops[j].c.status().code() == absl::StatusCode::kUnavailable &&
-                     g_faults.injected_completion > 0,
-                 48, "%s of %zu bytes: %s", ops[j].write ? "write" : "read", ops[j].len,
-                 ops[j].c.status().ToString().c_str());
+      CHILD_CHECK(ops[j].c.status().code() == absl::StatusCode::kUnavailable &&
+                      g_faults.injected_completion > 0,
+                  48, "%s of %zu bytes: %s", ops[j].write ? "write" : "read", ops[j].len,
+                  ops[j].c.status().ToString().c_str());
       ++fig_.failed_operations;
       all_ok = false;
     }
@@ -380,9 +370,9 @@ bool Initiator::TransferBatch() {
     } else {
       ++fig_.reads;
       for (size_t k = 0; k < op.len; ++k) {
-        SOAK_CHECK(op.p[k] == Buffer::Pattern(kTargetSeed, op.remote + k), 49,
-                   "read of %zu bytes at %llu: byte %zu wrong", op.len,
-                   static_cast<unsigned long long>(op.remote), k);
+        CHILD_CHECK(op.p[k] == Buffer::Pattern(kTargetSeed, op.remote + k), 49,
+                    "read of %zu bytes at %llu: byte %zu wrong", op.len,
+                    static_cast<unsigned long long>(op.remote), k);
       }
       fig_.bytes_verified += op.len;
     }
@@ -397,32 +387,32 @@ bool Initiator::WriteBack(Op& op) {
   Sge s{op.p, op.len, &op.ref.registration()};
   Completion c;
   absl::Status st = ep_->Read({&s, 1}, remote_, op.remote, &c);
-  SOAK_CHECK(st.ok() || (st.code() == absl::StatusCode::kUnavailable &&
-                         g_faults.injected_completion > 0),
-             50, "read-back: %s", st.ToString().c_str());
+  CHILD_CHECK(
+      st.ok() || (st.code() == absl::StatusCode::kUnavailable && g_faults.injected_completion > 0),
+      50, "read-back: %s", st.ToString().c_str());
   if (!st.ok()) return false;
   c.Wait();
   if (!c.status().ok()) {
-    SOAK_CHECK(c.status().code() == absl::StatusCode::kUnavailable &&
-                   g_faults.injected_completion > 0,
-               51, "read-back: %s", c.status().ToString().c_str());
+    CHILD_CHECK(
+        c.status().code() == absl::StatusCode::kUnavailable && g_faults.injected_completion > 0, 51,
+        "read-back: %s", c.status().ToString().c_str());
     ++fig_.failed_operations;
     return false;
   }
   ++fig_.operations;
   for (size_t k = 0; k < op.len; ++k) {
-    SOAK_CHECK(op.p[k] == Buffer::Pattern(op.seed, k), 52, "read-back of %zu bytes: byte %zu wrong",
-               op.len, k);
+    CHILD_CHECK(op.p[k] == Buffer::Pattern(op.seed, k), 52,
+                "read-back of %zu bytes: byte %zu wrong", op.len, k);
   }
   fig_.bytes_verified += op.len;
   if (fig_.writes % 16 != 0) return true;
   const char cmd = 'V';
   VerifyRequest v{op.remote, op.len, op.seed};
   char answer = 0;
-  SOAK_CHECK(WriteAll(out_, &cmd, 1) && WriteAll(out_, &v, sizeof v) &&
-                 ReadWithin(in_, &answer, 1, kStep),
-             53, "target check exchange");
-  SOAK_CHECK(answer == 'Y', 54, "the target found a write of %zu bytes wrong", op.len);
+  CHILD_CHECK(
+      WriteAll(out_, &cmd, 1) && WriteAll(out_, &v, sizeof v) && ReadWithin(in_, &answer, 1, kStep),
+      53, "target check exchange");
+  CHILD_CHECK(answer == 'Y', 54, "the target found a write of %zu bytes wrong", op.len);
   ++fig_.target_checks;
   fig_.bytes_verified += op.len;
   return true;
@@ -430,10 +420,10 @@ bool Initiator::WriteBack(Op& op) {
 
 void Initiator::Unmap() {
   Buf& b = bufs_[rng_() % bufs_.size()];
-  SOAK_CHECK(munmap(b.p, b.size) == 0, 55, "munmap");
+  CHILD_CHECK(munmap(b.p, b.size) == 0, 55, "munmap");
   b.size = RandomSize();
   void* p = mmap(nullptr, b.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  SOAK_CHECK(p != MAP_FAILED, 56, "mmap");
+  CHILD_CHECK(p != MAP_FAILED, 56, "mmap");
   b.p = static_cast<uint8_t*>(p);
   ++fig_.unmaps;
 }
@@ -449,7 +439,7 @@ void Initiator::Remap() {
     // regions of it and flush; every split is undone on deregistration, the kernel merges the VMAs
     // again, and the mremap succeeds (docs/RELIABILITY.md), unless the case below.
     ++fig_.remaps_dropped_first;
-    SOAK_CHECK(cache_->Invalidate(b.p, b.size).ok(), 83, "Invalidate");
+    CHILD_CHECK(cache_->Invalidate(b.p, b.size).ok(), 83, "Invalidate");
     cache_->Flush();
     p = mremap(b.p, b.size, size, MREMAP_MAYMOVE);
     if (p == MAP_FAILED && errno == EFAULT) {
@@ -462,7 +452,7 @@ void Initiator::Remap() {
       p = mremap(b.p, b.size, size, 0);
     }
   }
-  SOAK_CHECK(p != MAP_FAILED, 57, "mremap: %s", strerror(errno));
+  CHILD_CHECK(p != MAP_FAILED, 57, "mremap: %s", strerror(errno));
   b.p = static_cast<uint8_t*>(p);
   b.size = size;
   ++fig_.remaps;
@@ -478,7 +468,7 @@ void Initiator::DontNeed() {
   if (madvise(b.p + first * kPage, count * kPage, MADV_DONTNEED) == 0) {
     ++fig_.dontneeds;
   } else {
-    SOAK_CHECK(errno == EINVAL, 58, "madvise: %s", strerror(errno));
+    CHILD_CHECK(errno == EINVAL, 58, "madvise: %s", strerror(errno));
   }
 }
 
@@ -490,7 +480,7 @@ void Initiator::Churn() {
       for (void*& p : blocks) {
         const size_t n = 1024 + rng_() % (2 << 20);
         p = malloc(n);
-        SOAK_CHECK(p != nullptr, 59, "malloc");
+        CHILD_CHECK(p != nullptr, 59, "malloc");
         std::memset(p, 1, n);
       }
       for (void* p : blocks) free(p);
@@ -499,7 +489,7 @@ void Initiator::Churn() {
     case 1: {  // unrelated mappings
       const size_t n = RandomSize();
       void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      SOAK_CHECK(p != MAP_FAILED, 60, "mmap");
+      CHILD_CHECK(p != MAP_FAILED, 60, "mmap");
       std::memset(p, 2, n);
       munmap(p, n);
       break;
@@ -507,7 +497,7 @@ void Initiator::Churn() {
     default: {  // cached ranges of a scratch mapping, past the region limit, then unmapped
       const size_t n = 64 * kPage;
       void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      SOAK_CHECK(p != MAP_FAILED, 61, "mmap");
+      CHILD_CHECK(p != MAP_FAILED, 61, "mmap");
       for (size_t i = 0; i < 40; ++i) {
         RegionRef r = Acquire(static_cast<uint8_t*>(p) + (rng_() % 62) * kPage,
                               (1 + rng_() % 2) * kPage);
@@ -538,7 +528,7 @@ void Initiator::Fault() {
 
 Figures Initiator::Run(uint16_t port) {
   port_ = port;
-  SOAK_CHECK(PinRegistrar::PageFramesReadable(), 62, "page frames are not readable");
+  CHILD_CHECK(PinRegistrar::PageFramesReadable(), 62, "page frames are not readable");
   PinRegistrar pin(PinRegistrar::Options{.dont_fork = true, .record_pages = true});
   {
     FabricOptions o;
@@ -546,7 +536,7 @@ Figures Initiator::Run(uint16_t port) {
     o.apply_env = false;
     o.max_in_flight = 8;  // small: queueing is exercised
     auto fabric = Fabric::Open(o);
-    SOAK_CHECK(fabric.ok(), 63, "Fabric::Open: %s", fabric.status().ToString().c_str());
+    CHILD_CHECK(fabric.ok(), 63, "Fabric::Open: %s", fabric.status().ToString().c_str());
     fabric_ = *std::move(fabric);
     std::unique_ptr<Registrar> reg = fabric_->NewRegistrar(&pin);
     failing_ = std::make_unique<FailingRegistrar>(reg.get());
@@ -555,16 +545,16 @@ Figures Initiator::Run(uint16_t port) {
     co.verify_pages = true;
     co.publish_stats = false;
     auto cache = RegistrationCache::Create(failing_.get(), co);
-    SOAK_CHECK(cache.ok(), 64, "cache: %s", cache.status().ToString().c_str());
+    CHILD_CHECK(cache.ok(), 64, "cache: %s", cache.status().ToString().c_str());
     cache_ = *std::move(cache);
     const CacheStats st0 = cache_->Stats();
-    SOAK_CHECK(st0.monitor_hooks || st0.monitor_uffd, 65, "no memory-event source: %s",
-               st0.monitor_notes.c_str());
+    CHILD_CHECK(st0.monitor_hooks || st0.monitor_uffd, 65, "no memory-event source: %s",
+                st0.monitor_notes.c_str());
     for (size_t i = 0; i < kBuffers; ++i) {
       Buf b;
       b.size = RandomSize();
       void* p = mmap(nullptr, b.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      SOAK_CHECK(p != MAP_FAILED, 66, "mmap");
+      CHILD_CHECK(p != MAP_FAILED, 66, "mmap");
       b.p = static_cast<uint8_t*>(p);
       bufs_.push_back(b);
     }
@@ -601,12 +591,12 @@ Figures Initiator::Run(uint16_t port) {
     g_faults.completion_error_at = 0;
     failing_->FailCall(0, absl::StatusCode::kInternal);
     for (int i = 0; i < 4; ++i) {
-      SOAK_CHECK(TransferBatch(), 67, "a clean batch failed");
+      CHILD_CHECK(TransferBatch(), 67, "a clean batch failed");
     }
     const char cmd = 'D';
     char answer = 0;
-    SOAK_CHECK(WriteAll(out_, &cmd, 1) && ReadWithin(in_, &answer, 1, kStep), 68, "'D' exchange");
-    SOAK_CHECK(answer == 'Y', 69, "the target's pattern half changed");
+    CHILD_CHECK(WriteAll(out_, &cmd, 1) && ReadWithin(in_, &answer, 1, kStep), 68, "'D' exchange");
+    CHILD_CHECK(answer == 'Y', 69, "the target's pattern half changed");
     fig_.seconds = static_cast<uint64_t>(absl::ToInt64Seconds(absl::Now() - start));
     ep_.reset();
     internal::fault_hook.store(nullptr);
@@ -623,21 +613,21 @@ Figures Initiator::Run(uint16_t port) {
     fig_.faults_cq = g_faults.injected_cq;
     fig_.faults_completion = g_faults.injected_completion;
     fig_.faults_registrar = failing_->injected();
-    SOAK_CHECK(st.stale_hits == 0, 70, "%llu stale hits",
-               static_cast<unsigned long long>(st.stale_hits));
-    SOAK_CHECK(st.deregistration_failures == failing_->injected_deregister(), 71,
-               "deregistration failures %llu, injected %llu",
-               static_cast<unsigned long long>(st.deregistration_failures),
-               static_cast<unsigned long long>(failing_->injected_deregister()));
+    CHILD_CHECK(st.stale_hits == 0, 70, "%llu stale hits",
+                static_cast<unsigned long long>(st.stale_hits));
+    CHILD_CHECK(st.deregistration_failures == failing_->injected_deregister(), 71,
+                "deregistration failures %llu, injected %llu",
+                static_cast<unsigned long long>(st.deregistration_failures),
+                static_cast<unsigned long long>(failing_->injected_deregister()));
     cache_.reset();
-    SOAK_CHECK(failing_->live_registrations() == 0, 72, "%zu registrations left",
-               failing_->live_registrations());
-    SOAK_CHECK(failing_->bad_deregistrations() == 0, 73, "a double deregistration");
+    CHILD_CHECK(failing_->live_registrations() == 0, 72, "%zu registrations left",
+                failing_->live_registrations());
+    CHILD_CHECK(failing_->bad_deregistrations() == 0, 73, "a double deregistration");
     failing_.reset();
     reg.reset();
     fabric_.reset();
   }
-  SOAK_CHECK(pin.locked_bytes() == 0, 74, "%zu bytes still pinned", pin.locked_bytes());
+  CHILD_CHECK(pin.locked_bytes() == 0, 74, "%zu bytes still pinned", pin.locked_bytes());
   return fig_;
 }
 
@@ -646,14 +636,14 @@ Figures Initiator::Run(uint16_t port) {
   const char* role = "initiator";
   testing::EnterNamespace(ns);
   uint16_t port = 0;
-  SOAK_CHECK(ReadWithin(in, &port, sizeof port, kStep), 80, "no port from the target");
+  CHILD_CHECK(ReadWithin(in, &port, sizeof port, kStep), 80, "no port from the target");
   Figures fig;
   {
     Initiator init(seed, duration, in, out);
     fig = init.Run(port);
   }
-  SOAK_CHECK(!testing::LeaksFound(), 81, "LeakSanitizer found leaks");
-  SOAK_CHECK(WriteAll(figures, &fig, sizeof fig), 82, "sending the figures");
+  CHILD_CHECK(!testing::LeaksFound(), 81, "LeakSanitizer found leaks");
+  CHILD_CHECK(WriteAll(figures, &fig, sizeof fig), 82, "sending the figures");
   _exit(0);
 }
 

@@ -59,16 +59,6 @@ bool ReadFull(int fd, void* p, size_t n, absl::Duration timeout = kStepTimeout) 
 
 bool WriteFull(int fd, const void* p, size_t n) { return testing::WriteAll(fd, p, n); }
 
-#define CHILD_CHECK(cond, code, ...)                   \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      fprintf(stderr, "[%s] ", role);                  \
-      fprintf(stderr, __VA_ARGS__);                    \
-      fprintf(stderr, " (exit %d)\n", code);           \
-      _exit(code);                                     \
-    }                                                  \
-  } while (0)
-
 // The target, in namespace `ns`: listens on kAddrA, sends its port up `out`, accepts, exposes a
 // kRegion region whose first half holds pattern kTargetSeed, sends the descriptor, waits for the
 // initiator's "done", then checks that the second half holds pattern kFinalSeed.

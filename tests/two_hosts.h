@@ -84,6 +84,19 @@ inline bool WriteAll(int fd, const void* p, size_t n) {
   return true;
 }
 
+// In a forked child: unless `cond` holds, prints "[role] <printf message> (exit code)" to stderr
+// and exits with `code`, which the parent reads as the step that failed. Needs a `const char*
+// role` in scope.
+#define CHILD_CHECK(cond, code, ...)         \
+  do {                                       \
+    if (!(cond)) {                           \
+      fprintf(stderr, "[%s] ", role);        \
+      fprintf(stderr, __VA_ARGS__);          \
+      fprintf(stderr, " (exit %d)\n", code); \
+      _exit(code);                           \
+    }                                        \
+  } while (0)
+
 // In a child: moves into the network namespace `ns`. Exits 10 when it cannot.
 inline void EnterNamespace(const std::string& ns) {
   int fd = open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
