@@ -452,6 +452,9 @@ void VerbsEndpoint::Fail(absl::Status why) {
     pending_atomic_.store(0, std::memory_order_relaxed);
     exposures.swap(exposures_);
   }
+  fabric_->RemoveEndpoint(this);
+  // Completed first: a Revoke waiting for its invalidation holds the region's mu until it returns.
+  FinishChain(chain);
   // The connection's descriptors die with it: its windows (bound on the destroyed QP) go back to
   // the device, and the regions' records are released.
   for (auto& [rkey, x] : exposures) {
@@ -462,8 +465,6 @@ void VerbsEndpoint::Fail(absl::Status why) {
     }
     VerbsMr::Unref(x.rec);
   }
-  fabric_->RemoveEndpoint(this);
-  FinishChain(chain);
 }
 
 absl::StatusOr<RemoteRegion> VerbsEndpoint::Expose(const Registration& reg, const void* addr,

@@ -32,6 +32,18 @@ using testing::ConnectedPair;
 constexpr uint32_t kLocal = kAccessLocalRead | kAccessLocalWrite;
 constexpr uint32_t kRemoteRw = kAccessRemoteRead | kAccessRemoteWrite;
 
+// Waits (up to 10 s) for what another thread does, such as a connection failing on the progress
+// thread after its peer closed. Returns whether `done` came true.
+template <typename F>
+bool Eventually(F done) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (!done()) {
+    if (absl::Now() > deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
 FabricOptions FakeOptions(const std::string& provider = "verbs") {
   FabricOptions o;
   o.provider = provider;
@@ -174,9 +186,10 @@ TEST_F(VerbsEndpointTest, AClosedConnectionFreesItsWindowsAndKeepsTheRegistratio
       pair_->target->Close();  // this side closes
     } else {
       pair_->initiator->Close();  // the peer closes: its disconnect fails this side
-      const absl::Time deadline = absl::Now() + absl::Seconds(10);
-      while (pair_->target->connected() && absl::Now() < deadline) std::this_thread::yield();
-      ASSERT_FALSE(pair_->target->connected()) << "the peer's disconnect was not seen";
+      // On the progress thread: the connection reads closed first, its windows go last.
+      ASSERT_TRUE(Eventually([&] { return dev.stats().allocated_mws == windows; }))
+          << "the closed connection kept its windows";
+      EXPECT_FALSE(pair_->target->connected());
     }
     EXPECT_EQ(dev.stats().allocated_mws, windows) << "the closed connection kept its windows";
     EXPECT_EQ(pair_->target->Revoke(rw).code(), absl::StatusCode::kNotFound);
@@ -211,6 +224,33 @@ TEST_F(VerbsEndpointTest, RevokeAfterDeregistrationIsNotFoundAndTheConnectionLiv
     ASSERT_TRUE(WriteAndWait(again, 4096).ok());
     EXPECT_EQ(std::memcmp(tgt_->data(), src_->data(), 4096), 0);
   }
+}
+
+// A Revoke waits for its invalidation while holding the region's record; the connection fails
+// under it (the peer closes) with another window of the same region exposed. Fail must complete
+// the invalidation before it takes the record to free that other window, or the two wait for each
+// other for ever.
+TEST_F(VerbsEndpointTest, RevokeRacingTheConnectionsFailureReturns) {
+  FakeDevice& dev = FakeDevice::Get();
+  const uint64_t windows = dev.stats().allocated_mws;
+  RemoteRegion a = Expose();
+  RemoteRegion b = Expose(kAccessRemoteRead);  // a second window over the same registration
+  ASSERT_EQ(dev.stats().allocated_mws, windows + 2);
+  dev.SetPaused(true);  // the invalidation stays in flight
+  const uint64_t posted = dev.stats().posted;
+  absl::Status revoked = absl::UnknownError("not returned");
+  std::thread t([&] { revoked = pair_->target->Revoke(a); });
+  ASSERT_TRUE(Eventually([&] { return dev.stats().posted > posted; }))
+      << "Revoke posted no invalidation";
+  pair_->initiator->Close();  // the peer's disconnect fails the target's connection
+  t.join();
+  dev.SetPaused(false);
+  EXPECT_TRUE(revoked.ok()) << revoked;  // cut off with its QP: no access reaches the window
+  EXPECT_FALSE(pair_->target->connected());
+  // The failing connection frees the other window once Revoke lets go of the region's record.
+  EXPECT_TRUE(Eventually([&] { return dev.stats().allocated_mws == windows; }))
+      << dev.stats().allocated_mws << " windows left";
+  EXPECT_EQ(pair_->target->Revoke(b).code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(VerbsEndpointTest, SmallWritesGoInlineAndOnlyEveryNthIsSignalled) {
