@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -98,7 +99,14 @@ class Publisher {
   }
 
  private:
-  Publisher() { std::atexit([] { Get().Exit(); }); }
+  Publisher() {
+    std::atexit([] { Get().Exit(); });
+    // A fork while the publishing thread holds mu_ would leave mu_ locked for ever in the child,
+    // where that thread does not exist (a child that then makes a cache hangs in Add). The forking
+    // thread holds mu_ across the fork instead, and both sides let go of it.
+    pthread_atfork([] { Get().mu_.lock(); }, [] { Get().mu_.unlock(); },
+                   [] { Get().mu_.unlock(); });
+  }
 
   // REQUIRES: mu_ held.
   bool MapLocked() {
