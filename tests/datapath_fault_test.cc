@@ -621,7 +621,10 @@ TEST(PeerKillTest, APeerKilledAtRandomPointsFailsEveryPendingOperationOnce) {
           killed = true;
           killed_at = absl::Now();
         }
-        if (killed && posted >= n - after_kill) {
+        // Once the kill is done nothing waits: the endpoint refuses posts as soon as it sees the
+        // death, and a refused post never completes, so waiting for `window` completions behind
+        // them would wait for ever (a round under tsan did).
+        if (killed) {
           // the posts after the kill run without waiting
         } else if (posted - b.done() >= window) {
           b.WaitDone(posted - window + 1);
