@@ -576,7 +576,7 @@ absl::Status VerbsEndpoint::Revoke(const RemoteRegion& r) {
     // check and the invalidation (invalidating an rkey the device no longer knows is an error
     // completion, which would fail the connection).
     std::lock_guard<std::mutex> rl(x.rec->mu);
-    if (std::find(x.rec->windows.begin(), x.rec->windows.end(), x.mw) == x.rec->windows.end()) {
+    if (!x.rec->HasWindow(x.mw)) {
       s = absl::NotFoundError("descriptor already revoked: its registration was deregistered");
     } else {
       ibv_send_wr wr = {};

@@ -24,6 +24,7 @@
 #ifndef SANREG_DATAPATH_VERBS_VERBS_REGISTRAR_H_
 #define SANREG_DATAPATH_VERBS_VERBS_REGISTRAR_H_
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -53,6 +54,11 @@ struct VerbsMr {
   static void Ref(VerbsMr* rec) { rec->refs.fetch_add(1, std::memory_order_relaxed); }
   static void Unref(VerbsMr* rec) {
     if (rec->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete rec;
+  }
+  // Whether `mw` is still one of this region's windows (neither revoked nor deallocated by
+  // Deregister).
+  bool HasWindow(const ibv_mw* mw) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return std::find(windows.begin(), windows.end(), mw) != windows.end();
   }
   // Deallocates `mw` (which invalidates it) if it is still one of this region's windows: neither
   // revoked nor deallocated by Deregister. Returns whether it was.
