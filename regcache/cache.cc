@@ -324,6 +324,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
       return absl::ResourceExhaustedError("Acquire: region reference count is saturated");
     }
     r->state.fetch_add(1, std::memory_order_acq_rel);
+    ++slow_stats_.locked_hits;
     FillSlot(a >> page_shift_, r);
     lock.unlock();
     if (options_.verify_pages) return VerifiedHit(r);

@@ -84,6 +84,7 @@ struct CacheStats {
   static constexpr int kLatencyBuckets = 32;
 
   uint64_t hits = 0;
+  uint64_t locked_hits = 0;  // of hits: served under the cache lock (the lookup table had no slot)
   uint64_t misses_absent = 0;       // no region covered the range
   uint64_t misses_rights = 0;       // a region covered it, without the rights asked for
   uint64_t misses_invalidated = 0;  // the region found for it had been invalidated

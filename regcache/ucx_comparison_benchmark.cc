@@ -296,6 +296,7 @@ void BM_HitSanreg(benchmark::State& state) {
   const int regions = static_cast<int>(state.range(0));
   Populated& p = Get(regions);
   auto addrs = MyShare(state, p.arena, regions);
+  const uint64_t locked_before = p.sanreg->Stats().locked_hits;
   size_t i = 0;
   for (auto _ : state) {
     auto r = p.sanreg->Acquire(addrs[i], 64, kAccessLocalRead);
@@ -304,6 +305,10 @@ void BM_HitSanreg(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations());
   state.counters["first_pass_ns"] = p.sanreg_first_pass_ns;
+  // Hits that took the cache lock (the lookup table had no slot for them), per million.
+  state.counters["locked_per_M"] = benchmark::Counter(
+      static_cast<double>(p.sanreg->Stats().locked_hits - locked_before) * 1e6 /
+      static_cast<double>(state.iterations()) / state.threads());
 }
 
 void BM_HitUcx(benchmark::State& state) {
