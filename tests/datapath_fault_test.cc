@@ -23,6 +23,7 @@
 #include <rdma/fi_errno.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -33,6 +34,8 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <future>
+#include <thread>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -490,6 +493,56 @@ TEST_P(DatapathFaultTest, AFailedCqReadFailsTheConnectionAndCompletesEverythingO
   }
   g_faults.Clear();
   CleanBatch(kSlots, 7);
+}
+
+// The scheduler state of thread `tid` of this process ('R' running, 'S' asleep, ...), or 0.
+char ThreadState(pid_t tid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/stat", static_cast<int>(tid));
+  const int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[512];
+  const ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  const char* paren = std::strrchr(buf, ')');  // the name may hold spaces and parentheses
+  return paren != nullptr && paren[1] == ' ' ? paren[2] : 0;
+}
+
+// Completion::Wait drives its endpoint for 1 ms, then sleeps until the fabric's progress thread
+// completes the operation; the progress thread must wake it (a completion that nobody sleeps on
+// takes no lock, so a lost wake-up would hang here). No completion queue is read until the waiter
+// is seen asleep in the kernel.
+TEST_P(DatapathFaultTest, AWaiterThatWentToSleepIsWokenByTheProgressThread) {
+  Open(16);
+  if (HasFatalFailure()) return;
+  auto src = Buffer::Make(ireg_.get(), kSlot, kRw);
+  ASSERT_TRUE(src.ok()) << src.status();
+  Sge s = (*src)->sge();
+  for (uint32_t round = 0; round < 3; ++round) {
+    (*src)->Fill(round);
+    g_faults.cq_storm_until = UINT64_MAX;  // every fi_cq_read "finds nothing": nothing completes
+    Completion c;
+    ASSERT_TRUE(pair_->initiator->Write({&s, 1}, remote_, kArea, &c).ok());
+    std::atomic<pid_t> tid{0};
+    std::promise<void> woken;
+    std::thread waiter([&] {
+      tid = gettid();
+      c.Wait();
+      woken.set_value();
+    });
+    while (tid.load() == 0 || ThreadState(tid.load()) != 'S') std::this_thread::yield();
+    EXPECT_FALSE(c.Done());
+    g_faults.cq_storm_until = 0;
+    if (woken.get_future().wait_for(absl::ToChronoSeconds(kGuard)) != std::future_status::ready) {
+      std::fprintf(stderr, "round %u: the sleeping waiter was never woken\n", round);
+      std::_Exit(1);  // the waiter cannot be joined
+    }
+    waiter.join();
+    ASSERT_TRUE(c.status().ok()) << c.status();
+    EXPECT_EQ(std::memcmp(target_->data() + kArea, (*src)->data(), kSlot), 0) << "round " << round;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Providers, DatapathFaultTest, ::testing::Values("tcp", "shm"),

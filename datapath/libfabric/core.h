@@ -205,6 +205,7 @@ class EndpointCore final : public EndpointBackend,
   uint64_t drop_watch_ = 0;
   std::string local_name_;  // fi_getname
   std::atomic<bool> open_{false};
+  std::weak_ptr<EndpointCore> self_;  // set once, by NewEndpoint
   std::unique_ptr<LivenessWatch> peer_alive_;  // shm: the peer fabric's beacon, when it has one
 
  private:
@@ -238,6 +239,10 @@ class EndpointCore final : public EndpointBackend,
   size_t posted_count_ ABSL_GUARDED_BY(mu_) = 0;
   size_t queued_count_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<size_t> pending_atomic_{0};  // posted_count_ + queued_count_
+  std::atomic<bool> has_queued_{false};    // queued_count_ > 0
+  // The coarse time of the last pass that found nothing completed and did the periodic work
+  // (deadline check, wake-up of the peer); a pass in the same tick with nothing queued skips it.
+  int64_t idle_checked_ns_ ABSL_GUARDED_BY(cq_mu_) = INT64_MIN;
   int64_t last_wake_sent_ns_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<int64_t> driven_ns_{INT64_MIN / 2};
 

@@ -23,10 +23,14 @@ namespace sanreg {
 namespace {
 
 // Completion::Wait blocks on one of these, chosen by address, so that marking a Completion done
-// never touches it after the waiter may have freed it (invariant 2 of completion.h).
+// never touches it after the waiter may have freed it (invariant 2 of completion.h). `sleepers`
+// counts the threads between registering under `mu` and leaving the wait, so that a completion
+// nobody sleeps on takes no lock: the finisher stores done then reads sleepers, a sleeper counts
+// itself then reads done, all sequentially consistent, so at least one of them sees the other.
 struct WaitShard {
   std::mutex mu;
   std::condition_variable cv;
+  std::atomic<int> sleepers{0};
 };
 constexpr size_t kWaitShards = 64;
 // How long Completion::Wait drives its endpoint before it sleeps.
@@ -63,7 +67,9 @@ void Completion::Wait() {
   if (Done()) return;
   WaitShard& s = ShardFor(this);
   std::unique_lock<std::mutex> l(s.mu);
-  s.cv.wait(l, [this] { return Done(); });
+  s.sleepers.fetch_add(1, std::memory_order_seq_cst);
+  s.cv.wait(l, [this] { return done_.load(std::memory_order_seq_cst); });
+  s.sleepers.fetch_sub(1, std::memory_order_relaxed);
 }
 
 namespace internal {
@@ -75,10 +81,12 @@ void EndpointCore::Finish(Completion* c, absl::Status s) {
   c->status_ = std::move(s);
   c->core_ = nullptr;
   c->posted_ = false;
-  {
-    WaitShard& sh = ShardFor(c);
+  WaitShard& sh = ShardFor(c);
+  c->done_.store(true, std::memory_order_seq_cst);
+  // From here on `c` may be freed (invariant 2 of completion.h): only the shard is touched.
+  if (sh.sleepers.load(std::memory_order_seq_cst) != 0) {
+    // Under the lock, so that a sleeper between its check of done and its sleep is not missed.
     std::lock_guard<std::mutex> l(sh.mu);
-    c->done_.store(true, std::memory_order_release);
     sh.cv.notify_all();
   }
   if (cb != nullptr) cb(c, arg);
@@ -159,7 +167,9 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     Fail(absl::UnavailableError("the peer closed the connection or died"), /*peer_gone=*/true);
     return health();
   }
-  c->owner_ = weak_from_this();  // for Completion::Wait
+  // For Completion::Wait. A Completion reused on the same endpoint keeps its reference: comparing
+  // control blocks takes no atomic operation, assigning one takes two.
+  if (c->owner_.owner_before(self_) || self_.owner_before(c->owner_)) c->owner_ = self_;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (state_ != State::kOpen) return health_;
@@ -180,6 +190,7 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
       return FiError(write ? "fi_writemsg" : "fi_readmsg", static_cast<int>(-rc));
     }
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
+    has_queued_.store(queued_count_ > 0, std::memory_order_relaxed);
     MaybeWakePeer(now);
   }
   // A caller that polls this endpoint reaps the completion itself.
@@ -238,12 +249,17 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       }
     } else if (got != -FI_EAGAIN) {
       fail_why = FiError("fi_cq_read", static_cast<int>(-got));
-    } else if (pending_atomic_.load(std::memory_order_relaxed) == 0) {
-      // Nothing completed and nothing outstanding (a target's endpoint, or an idle one): no list
-      // to update, nothing queued to post, no deadline to watch, no peer to keep hot. A Post racing
-      // this check handles its own operation; the next pass sees it.
+    } else if (pending_atomic_.load(std::memory_order_relaxed) == 0 ||
+               (!has_queued_.load(std::memory_order_relaxed) && now_ns == idle_checked_ns_)) {
+      // Nothing completed, and either nothing is outstanding (a target's endpoint, or an idle
+      // one: no list to update, no deadline to watch, no peer to keep hot), or nothing is queued
+      // and this clock tick's deadline check and wake-up were done by an earlier pass (on the
+      // coarse clock they would find the same). A Post racing this check handles its own
+      // operation, or marks it queued for the next pass.
       cq_mu_.unlock();
       return 0;
+    } else {
+      idle_checked_ns_ = now_ns;
     }
     std::lock_guard<std::mutex> l(mu_);
     for (size_t i = 0; i < ndone; ++i) {
@@ -279,6 +295,7 @@ size_t EndpointCore::Progress(int64_t now_ns) {
       if (posted_count_ + queued_count_ > 0) MaybeWakePeer(now_ns);
     }
     pending_atomic_.store(posted_count_ + queued_count_, std::memory_order_relaxed);
+    has_queued_.store(queued_count_ > 0, std::memory_order_relaxed);
     cq_mu_.unlock();
   }
   // Fail first, so that whoever sees the failed operation finds the connection failed too.

@@ -355,6 +355,7 @@ void FabricCore::AddEndpoint(std::shared_ptr<EndpointCore> ep) {
 absl::StatusOr<std::shared_ptr<EndpointCore>> FabricCore::NewEndpoint(int sock,
                                                                       uint64_t connection_id) {
   auto ep = std::make_shared<EndpointCore>(this, connection_id);
+  ep->self_ = ep;
   ep->sock_ = sock;
   absl::Status s = ep->OpenQueues();
   if (s.ok() && is_shm_) {
@@ -671,6 +672,7 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
     posted_head_ = posted_tail_ = queued_head_ = queued_tail_ = nullptr;
     posted_count_ = queued_count_ = 0;
     pending_atomic_.store(0, std::memory_order_relaxed);
+    has_queued_.store(false, std::memory_order_relaxed);
   }
   // The peer learns at once: its liveness socket reads EOF.
   if (sock_ >= 0) shutdown(sock_, SHUT_RDWR);
