@@ -261,6 +261,13 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache
     if (slot.key.load(std::memory_order_relaxed) != page) continue;
     Region* r = slot.region.load(std::memory_order_acquire);
     if (r == nullptr) continue;
+    // The hit writes this line (the CAS below, then the release): fetch it for writing now, in one
+    // coherence transaction, rather than shared by the load and then again for ownership by the
+    // CAS. It matters when another core holds a copy, as a neighbouring region's user's
+    // prefetcher may (docs/PERFORMANCE.md, target 2). A no-op where the CPU lacks PREFETCHW.
+#if defined(__x86_64__)
+    asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(r)));
+#endif
     uint64_t s = r->state.load(std::memory_order_acquire);
     if (s & kDeadBit) {
       if (s & kInvalidatedBit) *hint = MissHint::kInvalidated;

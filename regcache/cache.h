@@ -13,9 +13,9 @@
 // The hit path (no lock, no shared write but the region's own reference count):
 //   A lookup table of buckets, each of 4 slots {page key, Region*}, maps the page of a looked-up
 //   address to the region last found for it. Acquire hashes the page, and for each slot whose key
-//   matches: loads region->state (acquire); skips it if dead; checks the region's [start, end)
-//   covers the request and its rights cover the asked ones; then takes a reference with a CAS on
-//   state that succeeds only if state is unchanged. The CAS is what validates everything read
+//   matches: prefetches the region's first line for writing; loads region->state (acquire); skips
+//   it if dead; checks the region's [start, end) covers the request and its rights cover the asked
+//   ones; then takes a reference with a CAS on state that succeeds only if state is unchanged. The CAS is what validates everything read
 //   before it: an incarnation's range and rights never change, and any kill or recycle changes
 //   state (dead bit, then a new incarnation), so a successful CAS proves the region was alive, and
 //   was the region read, at the instant it took the reference.
