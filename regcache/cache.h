@@ -15,10 +15,11 @@
 //   address to the region last found for it. Acquire hashes the page, and for each slot whose key
 //   matches: prefetches the region's first line for writing; loads region->state (acquire); skips
 //   it if dead; checks the region's [start, end) covers the request and its rights cover the asked
-//   ones; then takes a reference with a CAS on state that succeeds only if state is unchanged. The CAS is what validates everything read
-//   before it: an incarnation's range and rights never change, and any kill or recycle changes
-//   state (dead bit, then a new incarnation), so a successful CAS proves the region was alive, and
-//   was the region read, at the instant it took the reference.
+//   ones; then takes a reference with a CAS on state that succeeds only if state is unchanged. The
+//   CAS is what validates everything read before it: an incarnation's range and rights never
+//   change, and any kill or recycle changes state (dead bit, then a new incarnation), so a
+//   successful CAS proves the region was alive, and was the region read, at the instant it took
+//   the reference.
 //   Slots are hints only; a torn {key, Region*} pair, a slot naming a dead or recycled region, or
 //   a zeroed slot of a retired table costs a slow path, never a wrong answer. Everything else
 //   (table fills, tree changes, kills, evictions) happens under the cache lock.

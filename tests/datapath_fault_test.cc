@@ -20,10 +20,10 @@
 // completions, with a random number of operations in flight and more posted after the kill. The
 // seed is printed (SANREG_SEED replays it).
 
+#include <fcntl.h>
 #include <rdma/fi_errno.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,11 +35,11 @@
 #include <cstdio>
 #include <cstring>
 #include <future>
-#include <thread>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"

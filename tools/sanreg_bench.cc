@@ -519,7 +519,7 @@ class CppPath {
 
   // The clock starts (after the warm-up): the hit rate counts the lookups from here on.
   void StartClock() {
-    if (cache_) before_ = cache_->Stats();
+    if (cache_) clock_ = cache_->Stats();
   }
 
   absl::Status Preregister(Buffer* b, size_t bytes) {
@@ -565,8 +565,8 @@ class CppPath {
     if (cache_) {
       cache_->Flush();
       CacheStats st = cache_->Stats();
-      const uint64_t hits = st.hits - before_.hits;
-      const uint64_t lookups = hits + st.misses() - before_.misses();
+      const uint64_t hits = st.hits - clock_.hits;
+      const uint64_t lookups = hits + st.misses() - clock_.misses();
       res->hit_rate = lookups ? double(hits) / lookups : 0;
       res->invalidations = st.invalidations;
       res->evictions = st.evictions;
@@ -591,7 +591,7 @@ class CppPath {
   std::unique_ptr<Registrar> fabric_reg_;
   TimingRegistrar timing_;
   std::unique_ptr<RegistrationCache> cache_;  // cache mode; destroyed before the registrars
-  CacheStats before_;                          // at StartClock
+  CacheStats clock_;                           // at StartClock: the hit rate's baseline
 };
 
 // Through the SPI's C ABI, as a switch calls it. Each run is one SPI session, so that it starts
