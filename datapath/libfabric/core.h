@@ -127,8 +127,7 @@ class FabricCore final : public FabricBackend {
   std::thread progress_;
 };
 
-class EndpointCore final : public EndpointBackend,
-                           public std::enable_shared_from_this<EndpointCore> {
+class EndpointCore final : public EndpointBackend {
  public:
   EndpointCore(FabricCore* fabric, uint64_t connection_id) : fabric_(fabric), id_(connection_id) {}
   EndpointCore(const EndpointCore&) = delete;
@@ -205,7 +204,8 @@ class EndpointCore final : public EndpointBackend,
   uint64_t drop_watch_ = 0;
   std::string local_name_;  // fi_getname
   std::atomic<bool> open_{false};
-  std::weak_ptr<EndpointCore> self_;  // set once, by NewEndpoint
+  // This endpoint, weakly (for Completion::Wait): set once, by NewEndpoint, which owns it.
+  std::weak_ptr<EndpointCore> self_;
   std::unique_ptr<LivenessWatch> peer_alive_;  // shm: the peer fabric's beacon, when it has one
 
  private:
