@@ -344,7 +344,10 @@ bool EndpointCore::OnSocketReadable() {
 }
 
 void FabricCore::Wake() {
+  // The first waker of a sleep takes the flag and writes; the others, posting in the same burst,
+  // find it taken and make no system call (one write wakes the thread; ppoll clears it).
   if (!sleeping_.load(std::memory_order_seq_cst)) return;
+  if (!sleeping_.exchange(false, std::memory_order_seq_cst)) return;
   uint64_t one = 1;
   // An eventfd write fails only when the counter would overflow: then a wake-up is pending anyway.
   [[maybe_unused]] ssize_t w = write(wake_fd_, &one, sizeof one);
@@ -389,11 +392,11 @@ void FabricCore::ProgressLoop() {
     timespec timeout = {0, 0};
     if (!hot) {
       sleeping_.store(true, std::memory_order_seq_cst);
-      bool again = false;
+      bool again = stop_.load(std::memory_order_seq_cst);
       for (const auto& ep : snap) again = again || (ep->pending() > 0 && !ep->Driven(now));
       // A driven endpoint is looked at again when its caller may have stopped polling it.
       if (!again) {
-        timeout = driven ? timespec{0, EndpointCore::kDriverRecheckNs}
+        timeout = driven ? timespec{0, DriverRecheckNs()}
                          : timespec{idle_ms / 1000, (idle_ms % 1000) * 1'000'000L};
       }
     }

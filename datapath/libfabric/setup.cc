@@ -14,8 +14,10 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cinttypes>
@@ -236,6 +238,15 @@ int64_t NowCoarseNs() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+long DriverRecheckNs() {
+  static const long recheck = [] {
+    timespec res = {0, 0};
+    long ns = clock_getres(CLOCK_MONOTONIC_COARSE, &res) == 0 && res.tv_sec == 0 ? res.tv_nsec : 0;
+    return std::clamp<long>(ns, 1'000'000, 10'000'000);
+  }();
+  return recheck;
 }
 
 absl::Status ApplyEnvOverrides(FabricOptions* o) {
