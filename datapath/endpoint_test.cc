@@ -9,10 +9,15 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <iterator>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
 #include "datapath/verbs/fake_device.h"
@@ -29,8 +34,12 @@ constexpr uint32_t kRemoteRw = kAccessRemoteRead | kAccessRemoteWrite;
 
 class EndpointTest : public ::testing::TestWithParam<const char*> {
  protected:
-  void SetUp() override {
+  void SetUp() override { Open(FabricOptions().idle_poll); }
+  // (Re)opens the pair and registrars, with the progress threads' idle poll `idle_poll`.
+  void Open(absl::Duration idle_poll) {
+    TearDown();
     FabricOptions o;
+    o.idle_poll = idle_poll;
     o.provider = GetParam();
     o.max_in_flight = 16;  // small, so that queueing is exercised
     o.apply_env = false;
@@ -73,6 +82,8 @@ class EndpointTest : public ::testing::TestWithParam<const char*> {
   }
 
   PinRegistrar pin_;
+  std::deque<absl::Notification> notifications_;
+  std::deque<Completion> completions_;
   std::unique_ptr<ConnectedPair> pair_;
   std::unique_ptr<Registrar> ireg_;
   std::unique_ptr<Registrar> treg_;
@@ -326,6 +337,44 @@ TEST_P(EndpointTest, WaitersReturnWhenTheEndpointIsDestroyedUnderThem) {
   // 16 are with the provider at once); what must hold is above: every waiter returned, with the
   // operation's own result.
   std::printf("%d of %d operations cancelled\n", cancelled, kOps);
+}
+
+// An operation whose poster neither waits for it nor polls completes through the progress thread,
+// at once, whether or not the endpoint was driven just before (a Wait or Poll marks it driven, and
+// the progress thread then leaves it to its caller for a while). The idle poll is made longer than
+// the test's patience: an operation the progress thread was neither woken for nor watching would
+// sit out a whole idle sleep.
+TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
+  Open(absl::Seconds(120));
+  auto src = Local(4096);
+  auto tgt = Target(4096);
+  RemoteRegion region = Expose(*tgt);
+  Sge s = src->sge();
+  auto notify = [](Completion*, void* arg) { static_cast<absl::Notification*>(arg)->Notify(); };
+  // Each step: what the poster did on the endpoint just before it posts the callback operation.
+  const std::function<void()> steps[] = {
+      [] {},  // nothing: the endpoint was never driven
+      [&] {   // waited for an operation (Completion::Wait drives the endpoint while it waits)
+        Completion c;
+        ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
+        c.Wait();
+        ASSERT_TRUE(c.status().ok()) << c.status();
+      },
+      [&] { pair_->initiator->Poll(); },  // polled, then stopped
+  };
+  for (size_t i = 0; i < std::size(steps); ++i) {
+    SCOPED_TRACE(i);
+    steps[i]();
+    src->Fill(static_cast<uint32_t>(100 + i));
+    // Both outlive the pair (TearDown closes it), in case the operation is still in flight.
+    auto& done = notifications_.emplace_back();
+    Completion& c = completions_.emplace_back(notify, &done);
+    ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
+    ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)))
+        << "the operation waited for the progress thread's idle poll";
+    ASSERT_TRUE(c.status().ok()) << c.status();
+    EXPECT_EQ(std::memcmp(tgt->data(), src->data(), 4096), 0);
+  }
 }
 
 // "auto" between two fabrics of this process: the pair connects over loopback, so it runs shm with

@@ -57,7 +57,7 @@ int64_t NowCoarseNs();
 // that stops polling without handing the endpoint back (an Endpoint::Poll user; Completion::Wait
 // hands back) is taken over within this plus a tick. Driven() changes only once per tick, so
 // waking more often finds nothing new, and each wake-up takes a core from a polling thread on a
-// small machine (a 1 ms recheck on a 4 ms tick cost a tcp caller about 3,000 preemptions a second).
+// small machine.
 long DriverRecheckNs();
 
 // Maps a libfabric error number (positive) to a status code.
@@ -93,8 +93,9 @@ class FabricCore final : public FabricBackend {
   void AddEndpoint(std::shared_ptr<EndpointCore> ep);
   void RemoveEndpoint(EndpointCore* ep) { endpoints_.Remove(ep); }
 
-  // Wakes the progress thread if it sleeps. Cheap when it does not.
-  void Wake();
+  // Wakes the progress thread if it sleeps; with `even_short` false, only from a long sleep (one
+  // that may outlast DriverRecheckNs). Cheap when it does not sleep.
+  void Wake(bool even_short = true);
 
   FabricOptions options_;
   int64_t op_timeout_ns_ = 0;  // options_.op_timeout, for the hot path
@@ -129,7 +130,11 @@ class FabricCore final : public FabricBackend {
 
   EndpointRegistry<EndpointCore> endpoints_;
   std::atomic<bool> stop_{false};
-  std::atomic<bool> sleeping_{false};
+  // What the progress thread is doing: kAwake, or sleeping in ppoll for at most DriverRecheckNs
+  // (kShortSleep), or for longer (kLongSleep). The first waker of a sleep takes it (kAwake) and
+  // writes the eventfd; the others make no system call.
+  enum SleepState : int { kAwake = 0, kShortSleep = 1, kLongSleep = 2 };
+  std::atomic<int> sleeping_{kAwake};
   int wake_fd_ = -1;  // eventfd
   std::thread progress_;
 };
@@ -186,6 +191,13 @@ class EndpointCore final : public EndpointBackend {
     return now_ns - driven_ns_.load(std::memory_order_relaxed) < kDriverGraceNs;
   }
   static constexpr int64_t kDriverGraceNs = 200'000;
+  // Marked in this coarse tick or the one before. A post on such an endpoint does not wake the
+  // progress thread from a short sleep: its poster most likely drives it again at once (a Wait
+  // right after its posts finds a mark one tick old at every tick boundary), and the progress
+  // thread, which sleeps short while any endpoint is recently driven, looks within a tick anyway.
+  bool RecentlyDriven(int64_t now_ns) const {
+    return now_ns - driven_ns_.load(std::memory_order_relaxed) < DriverRecheckNs() + kDriverGraceNs;
+  }
 
   FabricCore* const fabric_;
   uint64_t id_;  // set once, before the endpoint is published

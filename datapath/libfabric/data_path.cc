@@ -193,8 +193,14 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
     has_queued_.store(queued_count_ > 0, std::memory_order_relaxed);
     MaybeWakePeer(now);
   }
-  // A caller that polls this endpoint reaps the completion itself.
-  if (!Driven(now)) fabric_->Wake();
+  // A caller that drives this endpoint (Wait, Poll) most likely reaps the completion itself: then
+  // only a long sleep is cut short, one the progress thread chose before that caller's mark (a
+  // short one ends within a tick, and the thread watches the endpoint from then on). The clock is
+  // read again after the operation is published: a progress thread that chose a long sleep
+  // without seeing the operation read its clock before, so this finds the endpoint no more
+  // recently driven than it did.
+  const int64_t after = NowCoarseNs();
+  fabric_->Wake(/*even_short=*/!RecentlyDriven(after));
   return absl::OkStatus();
 }
 
@@ -343,11 +349,14 @@ bool EndpointCore::OnSocketReadable() {
   return false;
 }
 
-void FabricCore::Wake() {
-  // The first waker of a sleep takes the flag and writes; the others, posting in the same burst,
-  // find it taken and make no system call (one write wakes the thread; ppoll clears it).
-  if (!sleeping_.load(std::memory_order_seq_cst)) return;
-  if (!sleeping_.exchange(false, std::memory_order_seq_cst)) return;
+void FabricCore::Wake(bool even_short) {
+  // The first waker of a sleep takes it and writes; the others, posting in the same burst, find
+  // it taken and make no system call (one write wakes the thread; ppoll clears it).
+  int s = sleeping_.load(std::memory_order_seq_cst);
+  while (true) {
+    if (s == kAwake || (s == kShortSleep && !even_short)) return;
+    if (sleeping_.compare_exchange_weak(s, kAwake, std::memory_order_seq_cst)) break;
+  }
   uint64_t one = 1;
   // An eventfd write fails only when the counter would overflow: then a wake-up is pending anyway.
   [[maybe_unused]] ssize_t w = write(wake_fd_, &one, sizeof one);
@@ -372,12 +381,8 @@ void FabricCore::ProgressLoop() {
     int64_t now = NowCoarseNs();
     size_t work = 0;
     bool busy = false;
-    bool driven = false;  // some endpoint's caller polls it (Endpoint::Poll): leave it to them
     for (const auto& ep : snap) {
-      if (ep->Driven(now)) {
-        driven = true;
-        continue;
-      }
+      if (ep->Driven(now)) continue;  // its caller polls it (Endpoint::Poll, Wait): leave it to them
       work += ep->Progress(now);
       busy = busy || ep->pending() > 0;
     }
@@ -391,17 +396,31 @@ void FabricCore::ProgressLoop() {
     last_poll = now;
     timespec timeout = {0, 0};
     if (!hot) {
-      sleeping_.store(true, std::memory_order_seq_cst);
+      // Long until shown otherwise, then the endpoints are read, with the clock read after this
+      // store: a Post that publishes its operation after these reads sees the sleep, and reads
+      // its clock later (see Post), so it wakes a long sleep whatever it finds.
+      sleeping_.store(kLongSleep, std::memory_order_seq_cst);
+      const int64_t now2 = NowCoarseNs();
       bool again = stop_.load(std::memory_order_seq_cst);
-      for (const auto& ep : snap) again = again || (ep->pending() > 0 && !ep->Driven(now));
-      // A driven endpoint is looked at again when its caller may have stopped polling it.
+      bool watch = false;
+      for (const auto& ep : snap) {
+        again = again || (ep->pending() > 0 && !ep->Driven(now2));
+        watch = watch || ep->RecentlyDriven(now2);
+      }
+      // A driven endpoint is looked at again when its caller may have stopped polling it; a
+      // recently driven one takes posts that do not wake a short sleep.
       if (!again) {
-        timeout = driven ? timespec{0, DriverRecheckNs()}
-                         : timespec{idle_ms / 1000, (idle_ms % 1000) * 1'000'000L};
+        if (watch) {
+          int expected = kLongSleep;  // a waker may have taken the sleep already
+          sleeping_.compare_exchange_strong(expected, kShortSleep, std::memory_order_seq_cst);
+          timeout = timespec{0, DriverRecheckNs()};
+        } else {
+          timeout = timespec{idle_ms / 1000, (idle_ms % 1000) * 1'000'000L};
+        }
       }
     }
     int n = ppoll(fds.data(), fds.size(), &timeout, nullptr);
-    sleeping_.store(false, std::memory_order_relaxed);
+    sleeping_.store(kAwake, std::memory_order_relaxed);
     if (n <= 0) continue;
     if (fds[0].revents != 0) {
       uint64_t v;
