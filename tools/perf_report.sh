@@ -16,20 +16,21 @@
 # Environment:
 #   BAZEL_STARTUP     startup options for bazel, e.g. --output_base=/root/.cache/bazel-perf
 #   CACHE_MIN_TIME    --benchmark_min_time of the cache comparison (default 0.2 s)
-#   DATAPATH_MIN_TIME --benchmark_min_time of the data path benchmark (default 0.05 s)
+#   DATAPATH_MIN_TIME --benchmark_min_time of the data path benchmark (default 0.2 s; at 0.05 s a
+#                     tcp row of 1 MiB at depth 32 timed a handful of iterations and swung 0.6-1.2)
 #   REPS              repetitions of each Google Benchmark (the median is reported; default 1)
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s; 3 runs per size and mode)
 #   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
 #                     other work on a shared machine takes less of its cores; unset: as is
-# Takes about 6 minutes on 2 vCPUs. Needs tools/setup.sh's packages (ucx-utils, gnuplot-nox).
+# Takes about 9 minutes on 2 vCPUs. Needs tools/setup.sh's packages (ucx-utils, gnuplot-nox).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 OUT=${1:-perf-report}
 CACHE_MIN_TIME=${CACHE_MIN_TIME:-0.2}
-DATAPATH_MIN_TIME=${DATAPATH_MIN_TIME:-0.05}
+DATAPATH_MIN_TIME=${DATAPATH_MIN_TIME:-0.2}
 REPS=${REPS:-1}
 REUSE_DURATION=${REUSE_DURATION:-1}
 WAIT_MAX=${WAIT_MAX:-900}
