@@ -7,16 +7,18 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <iterator>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
-#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
@@ -81,8 +83,25 @@ class EndpointTest : public ::testing::TestWithParam<const char*> {
     return r.ok() ? *r : RemoteRegion{};
   }
 
+  // A one-shot event on the standard library's mutex (absl::Notification's synchronisation is in
+  // Debian's prebuilt, uninstrumented Abseil, which ThreadSanitizer cannot see).
+  struct Signal {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool set = false;
+    void Set() {
+      std::lock_guard<std::mutex> l(mu);
+      set = true;
+      cv.notify_all();
+    }
+    bool WaitFor(std::chrono::seconds limit) {
+      std::unique_lock<std::mutex> l(mu);
+      return cv.wait_for(l, limit, [this] { return set; });
+    }
+  };
+
   PinRegistrar pin_;
-  std::deque<absl::Notification> notifications_;
+  std::deque<Signal> signals_;
   std::deque<Completion> completions_;
   std::unique_ptr<ConnectedPair> pair_;
   std::unique_ptr<Registrar> ireg_;
@@ -350,7 +369,7 @@ TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
   auto tgt = Target(4096);
   RemoteRegion region = Expose(*tgt);
   Sge s = src->sge();
-  auto notify = [](Completion*, void* arg) { static_cast<absl::Notification*>(arg)->Notify(); };
+  auto notify = [](Completion*, void* arg) { static_cast<Signal*>(arg)->Set(); };
   // Each step: what the poster did on the endpoint just before it posts the callback operation.
   const std::function<void()> steps[] = {
       [] {},  // nothing: the endpoint was never driven
@@ -367,10 +386,10 @@ TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
     steps[i]();
     src->Fill(static_cast<uint32_t>(100 + i));
     // Both outlive the pair (TearDown closes it), in case the operation is still in flight.
-    auto& done = notifications_.emplace_back();
+    Signal& done = signals_.emplace_back();
     Completion& c = completions_.emplace_back(notify, &done);
     ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
-    ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)))
+    ASSERT_TRUE(done.WaitFor(std::chrono::seconds(60)))
         << "the operation waited for the progress thread's idle poll";
     ASSERT_TRUE(c.status().ok()) << c.status();
     EXPECT_EQ(std::memcmp(tgt->data(), src->data(), 4096), 0);
