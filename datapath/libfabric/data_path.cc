@@ -48,8 +48,8 @@ void Completion::Wait() {
   // complete within that time, and a hand-off from the progress thread costs a sleep and a
   // wake-up, tens of microseconds. Then sleep, handing the endpoint back to the progress thread.
   if (std::shared_ptr<internal::EndpointCore> core = owner_.lock()) {
-    timespec start;
-    clock_gettime(CLOCK_MONOTONIC, &start);
+    // The drive's clock starts at its 64th pass: most waits end before, without reading it.
+    timespec start = {0, 0};
     for (uint32_t n = 1; !Done(); ++n) {
       const int64_t now = internal::NowCoarseNs();
       core->MarkDriven(now);
@@ -57,6 +57,10 @@ void Completion::Wait() {
       if (n % 64 != 0) continue;
       timespec t;
       clock_gettime(CLOCK_MONOTONIC, &t);
+      if (n == 64) {
+        start = t;
+        continue;
+      }
       if ((t.tv_sec - start.tv_sec) * 1'000'000'000 + (t.tv_nsec - start.tv_nsec) > kWaitDriveNs) {
         core->MarkDriven(INT64_MIN / 2);  // the progress thread takes the endpoint back at once
         core->fabric_->Wake();
@@ -195,12 +199,12 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
   }
   // A caller that drives this endpoint (Wait, Poll) most likely reaps the completion itself: then
   // only a long sleep is cut short, one the progress thread chose before that caller's mark (a
-  // short one ends within a tick, and the thread watches the endpoint from then on). The clock is
-  // read again after the operation is published: a progress thread that chose a long sleep
-  // without seeing the operation read its clock before, so this finds the endpoint no more
-  // recently driven than it did.
-  const int64_t after = NowCoarseNs();
-  fabric_->Wake(/*even_short=*/!RecentlyDriven(after));
+  // short one ends within a tick, and the thread watches the endpoint from then on). A sleep this
+  // load misses is one the progress thread chose after its reads saw this operation pending: it
+  // stores the sleep, then reads the endpoints; this stored pending_atomic_, unlocked mu_ (a
+  // locked instruction, a full barrier on x86, as the old wake rule also relied on), then reads
+  // the sleep. It then sleeps not at all, or short.
+  fabric_->Wake(/*even_short=*/!RecentlyDriven(now));
   return absl::OkStatus();
 }
 
@@ -400,9 +404,8 @@ void FabricCore::ProgressLoop() {
     last_poll = now;
     timespec timeout = {0, 0};
     if (!hot) {
-      // Long until shown otherwise, then the endpoints are read, with the clock read after this
-      // store: a Post that publishes its operation after these reads sees the sleep, and reads
-      // its clock later (see Post), so it wakes a long sleep whatever it finds.
+      // Long until shown otherwise, then the endpoints are read: a Post whose operation these
+      // reads miss sees the sleep, and wakes a long one whatever it finds (see Post).
       sleeping_.store(kLongSleep, std::memory_order_seq_cst);
       const int64_t now2 = NowCoarseNs();
       bool again = stop_.load(std::memory_order_seq_cst);
