@@ -98,8 +98,6 @@ void EndpointCore::Finish(Completion* c, absl::Status s) {
 
 void FinishOperation(Completion* c, absl::Status s) { EndpointCore::Finish(c, std::move(s)); }
 
-
-
 ssize_t EndpointCore::PostOne(Completion* c) {
   if (int fault = InjectedFault(FaultSite::kPost); fault != 0) return fault;  // tests only
   fi_rma_iov rma = {c->remote_addr_, c->total_, c->remote_key_};
@@ -201,9 +199,9 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
   // only a long sleep is cut short, one the progress thread chose before that caller's mark (a
   // short one ends within a tick, and the thread watches the endpoint from then on). A sleep this
   // load misses is one the progress thread chose after its reads saw this operation pending: it
-  // stores the sleep, then reads the endpoints; this stored pending_atomic_, unlocked mu_ (a
-  // locked instruction, a full barrier on x86, as the old wake rule also relied on), then reads
-  // the sleep. It then sleeps not at all, or short.
+  // stores the sleep, then reads the endpoints; this stored pending_atomic_, unlocked mu_ (on x86
+  // a locked instruction, a full barrier), then reads the sleep. It then sleeps not at all, or
+  // short.
   fabric_->Wake(/*even_short=*/!RecentlyDriven(now));
   return absl::OkStatus();
 }
@@ -390,7 +388,8 @@ void FabricCore::ProgressLoop() {
     size_t work = 0;
     bool busy = false;
     for (const auto& ep : snap) {
-      if (ep->Driven(now)) continue;  // its caller polls it (Endpoint::Poll, Wait): leave it to them
+      // Its caller polls it (Endpoint::Poll, Completion::Wait): leave it to them.
+      if (ep->Driven(now)) continue;
       work += ep->Progress(now);
       busy = busy || ep->pending() > 0;
     }
