@@ -99,6 +99,7 @@ class FabricCore final : public FabricBackend {
 
   FabricOptions options_;
   int64_t op_timeout_ns_ = 0;  // options_.op_timeout, for the hot path
+  const int64_t driver_recheck_ns_ = DriverRecheckNs();  // for the hot path
   fi_info* info_ = nullptr;
   fid_fabric* fabric_ = nullptr;
   fid_domain* domain_ = nullptr;
@@ -196,7 +197,8 @@ class EndpointCore final : public EndpointBackend {
   // right after its posts finds a mark one tick old at every tick boundary), and the progress
   // thread, which sleeps short while any endpoint is recently driven, looks within a tick anyway.
   bool RecentlyDriven(int64_t now_ns) const {
-    return now_ns - driven_ns_.load(std::memory_order_relaxed) < DriverRecheckNs() + kDriverGraceNs;
+    return now_ns - driven_ns_.load(std::memory_order_relaxed) <
+           fabric_->driver_recheck_ns_ + kDriverGraceNs;
   }
 
   FabricCore* const fabric_;

@@ -419,7 +419,7 @@ void FabricCore::ProgressLoop() {
         if (watch) {
           int expected = kLongSleep;  // a waker may have taken the sleep already
           sleeping_.compare_exchange_strong(expected, kShortSleep, std::memory_order_seq_cst);
-          timeout = timespec{0, DriverRecheckNs()};
+          timeout = timespec{0, driver_recheck_ns_};
         } else {
           timeout = timespec{idle_ms / 1000, (idle_ms % 1000) * 1'000'000L};
         }
