@@ -64,8 +64,9 @@ struct FabricOptions {
   // more are queued in order and posted as completions free room.
   size_t max_in_flight = 256;
   // An operation not completed within this time fails the connection: every pending operation then
-  // completes with kUnavailable. libfabric only: on verbs the QP's retry counters bound it. Bounds the wait when a provider drops an access it refuses without
-  // telling the initiator (shm does; see endpoint.h).
+  // completes with kUnavailable. libfabric only: on verbs the QP's retry counters bound it. Bounds
+  // the wait when a provider drops an access it refuses without telling the initiator (shm does;
+  // see endpoint.h).
   absl::Duration op_timeout = absl::Seconds(30);
   // The longest the progress thread sleeps between polls when nothing is in flight.
   absl::Duration idle_poll = absl::Milliseconds(1);
