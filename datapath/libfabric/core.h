@@ -43,6 +43,7 @@
 #include "datapath/fabric.h"
 #include "datapath/internal/backend.h"
 #include "datapath/internal/endpoint_registry.h"
+#include "datapath/internal/poll_lock.h"
 #include "datapath/libfabric/liveness.h"
 #include "datapath/remote_region.h"
 
@@ -240,7 +241,7 @@ class EndpointCore final : public EndpointBackend {
   void MaybeWakePeer(int64_t now_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void Finish(Completion* c, absl::Status s);
 
-  std::mutex cq_mu_;
+  PollLock cq_mu_;         // see poll_lock.h
   mutable std::mutex mu_;  // acquired after cq_mu_ when both are held
   std::condition_variable closed_cv_;  // state_ became kClosed (with mu_)
   State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;

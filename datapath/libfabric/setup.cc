@@ -624,7 +624,7 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   // Wait out a Progress already inside the provider (it holds cq_mu_; later ones see open_ false
   // under it and leave the provider alone) before the peer learns below that we are going: a shm
   // peer in this process then unmaps its region, which that Progress may still be reading.
-  { std::lock_guard<std::mutex> barrier(cq_mu_); }
+  { std::lock_guard<PollLock> barrier(cq_mu_); }
   if (tell_refused && sock_ >= 0) {
     (void)send(sock_, &kRefusedByte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
   }
@@ -651,7 +651,7 @@ void EndpointCore::Fail(absl::Status why, bool peer_gone) {
   Completion* chain = nullptr;
   bool refused_first = false;
   {
-    std::lock_guard<std::mutex> cl(cq_mu_);
+    std::lock_guard<PollLock> cl(cq_mu_);
     // Closing the provider endpoint first: afterwards it touches no buffer of ours, so the
     // operations below may complete and their memory be reused.
     if (ep_ != nullptr) fi_close(&ep_->fid);

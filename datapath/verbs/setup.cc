@@ -420,7 +420,7 @@ void VerbsEndpoint::Fail(absl::Status why) {
   Completion* chain = nullptr;
   std::map<uint32_t, Exposure> exposures;
   {
-    std::lock_guard<std::mutex> cl(cq_mu_);
+    std::lock_guard<PollLock> cl(cq_mu_);
     // The QP goes to error: what it still holds completes in flush errors (reaped below, so that
     // requests that completed before it finish OK); once destroyed it touches no buffer of ours.
     api_->disconnect(id_);

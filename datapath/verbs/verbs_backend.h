@@ -60,6 +60,7 @@
 #include "absl/status/statusor.h"
 #include "datapath/internal/backend.h"
 #include "datapath/internal/endpoint_registry.h"
+#include "datapath/internal/poll_lock.h"
 #include "datapath/verbs/verbs_api.h"
 #include "datapath/verbs/verbs_registrar.h"
 
@@ -188,7 +189,7 @@ class VerbsEndpoint final : public EndpointBackend {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void FinishChain(Completion* chain);
 
-  std::mutex cq_mu_;
+  PollLock cq_mu_;         // see poll_lock.h
   mutable std::mutex mu_;  // acquired after cq_mu_ when both are held
   State state_ ABSL_GUARDED_BY(mu_) = State::kOpen;
   absl::Status health_ ABSL_GUARDED_BY(mu_);
