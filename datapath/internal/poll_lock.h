@@ -5,7 +5,9 @@
 // Why not std::mutex: an empty pass of a spinning thread is a completion queue read (on shm
 // about 160 instructions), and glibc's try_lock and unlock added about 85 more, with two locked
 // instructions (callgrind). Here a try takes one exchange (none when the lock is seen taken) and
-// the release is a plain store on x86; the pass's cost is how late it sees what arrived.
+// the release is a plain store on x86: 6 ns a pair against 15 in a loop on this project's
+// machine, where a locked instruction costs about 6 ns. A pass's cost is how late the spinning
+// thread sees what arrived.
 //
 // Thread-safety: any thread. Not recursive, not fair. lock() yields the core between tries, so it
 // is for holders that keep the lock briefly (a queue read), as here; an endpoint's Fail holds it
