@@ -17,6 +17,12 @@
 // Raw writes ask for delivery completion too, as sanreg's do (see endpoint.h).
 //
 // Run: bazel run -c opt //datapath:datapath_benchmark -- --benchmark_min_time=0.05
+// For ratios to compare (tools/perf_report.sh does this): --benchmark_repetitions=5
+// --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true. Each
+// repetition opens new connections, and this guest changes speed for minutes at a time, so
+// repetitions run back to back can put one mode's runs in a slow spell and the next mode's in a
+// fast one; interleaved, every mode's median draws from the same spells and connections. The
+// tables keep the order in which the benchmarks are registered.
 
 #include <benchmark/benchmark.h>
 #include <rdma/fabric.h>
@@ -353,9 +359,15 @@ class RatioReporter : public benchmark::ConsoleReporter {
       std::string key = name.substr(
           slash + 1, suffix == std::string::npos ? std::string::npos : suffix - slash - 1);
       rates_[key][name.substr(0, slash)] = it->second;
-      if (std::find(keys_.begin(), keys_.end(), key) == keys_.end()) keys_.push_back(key);
+      AddKey(key);
     }
     ConsoleReporter::ReportRuns(runs);
+  }
+
+  // Lists `key` ("tcp/write/4096/32") in the tables in the order of the calls, whatever order
+  // the runs come in (random with --benchmark_enable_random_interleaving).
+  void AddKey(const std::string& key) {
+    if (std::find(keys_.begin(), keys_.end(), key) == keys_.end()) keys_.push_back(key);
   }
 
   std::string Markdown() const {
@@ -364,7 +376,9 @@ class RatioReporter : public benchmark::ConsoleReporter {
         "sanreg / raw | sanreg-poll MB/s | sanreg-poll / raw |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for (const std::string& key : keys_) {
-      const auto& m = rates_.at(key);
+      auto found = rates_.find(key);
+      if (found == rates_.end()) continue;  // filtered out, or every mode failed
+      const auto& m = found->second;
       const double raw = Get(m, "raw");
       char line[512];
       std::snprintf(
@@ -380,7 +394,9 @@ class RatioReporter : public benchmark::ConsoleReporter {
         "|---|---|---:|---:|---:|---:|---:|---:|\n";
     for (const std::string& key : keys_) {
       if (key.size() < 2 || key.substr(key.size() - 2) != "/1") continue;
-      const auto& m = rates_.at(key);
+      auto found = rates_.find(key);
+      if (found == rates_.end()) continue;
+      const auto& m = found->second;
       const double size = std::stod(Field(key, 2));
       char line[512];
       std::snprintf(line, sizeof line, "| %s | %s | %s | %s | %s |\n", Cells(key).c_str(),
@@ -437,7 +453,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 
   std::map<std::string, std::map<std::string, double>> rates_;
-  std::vector<std::string> keys_;  // in the order they ran
+  std::vector<std::string> keys_;  // in the order of AddKey
 };
 
 }  // namespace
@@ -457,11 +473,14 @@ int main(int argc, char** argv) {
     }
   }
   argc = kept;
+  RatioReporter reporter;
   for (const char* prov : {"tcp", "shm"}) {
     for (bool write : {true, false}) {
       const std::string suffix = std::string("/") + prov + (write ? "/write" : "/read");
       for (int64_t depth : kDepths) {
         for (int64_t size : kSizes) {
+          reporter.AddKey(suffix.substr(1) + "/" + std::to_string(size) + "/" +
+                          std::to_string(depth));
           benchmark::RegisterBenchmark(("raw" + suffix).c_str(), BM_RawTwoThreads, prov, write)
               ->Args({size, depth})
               ->UseRealTime();
@@ -481,7 +500,6 @@ int main(int argc, char** argv) {
   }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   const std::string md = reporter.Markdown();
   std::printf("\nsanreg / raw throughput (raw: the target progressed by its own thread)\n\n%s",

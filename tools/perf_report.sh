@@ -19,6 +19,10 @@
 #   DATAPATH_MIN_TIME --benchmark_min_time of the data path benchmark (default 0.2 s; at 0.05 s a
 #                     tcp row of 1 MiB at depth 32 timed a handful of iterations and swung 0.6-1.2)
 #   REPS              repetitions of each Google Benchmark (the median is reported; default 1)
+#   DATAPATH_REPS     repetitions of each data path benchmark (default: 1 when REPS is 1, else
+#                     REPS but at least 5), run in random interleaving when more than 1: each
+#                     opens new connections, and the guest's speed changes for minutes at a time,
+#                     so back-to-back repetitions could put raw in one spell and sanreg in another
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s; 3 runs per size and mode)
 #   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
 #                     below this before starting, e.g. 1.5; unset: start at once
@@ -32,6 +36,8 @@ OUT=${1:-perf-report}
 CACHE_MIN_TIME=${CACHE_MIN_TIME:-0.2}
 DATAPATH_MIN_TIME=${DATAPATH_MIN_TIME:-0.2}
 REPS=${REPS:-1}
+if [ "$REPS" -gt 1 ]; then DATAPATH_REPS=${DATAPATH_REPS:-$((REPS > 5 ? REPS : 5))}; fi
+DATAPATH_REPS=${DATAPATH_REPS:-1}
 REUSE_DURATION=${REUSE_DURATION:-1}
 WAIT_MAX=${WAIT_MAX:-900}
 SIZES=(64 4096 65536 1048576 16777216)
@@ -76,6 +82,10 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 GB_FLAGS=(--benchmark_repetitions="$REPS" --benchmark_color=false)
 if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); fi
+DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS" --benchmark_color=false)
+if [ "$DATAPATH_REPS" -gt 1 ]; then
+  DATAPATH_FLAGS+=(--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true)
+fi
 
 # ---- 1. the cache against UCX ----------------------------------------------------------------
 echo "perf_report: cache vs UCX" >&2
@@ -84,7 +94,7 @@ echo "perf_report: cache vs UCX" >&2
 
 # ---- 2. the data path against raw libfabric --------------------------------------------------
 echo "perf_report: data path vs raw libfabric" >&2
-"${RUN[@]}" "$BIN/datapath/datapath_benchmark" --benchmark_min_time="$DATAPATH_MIN_TIME" "${GB_FLAGS[@]}" \
+"${RUN[@]}" "$BIN/datapath/datapath_benchmark" --benchmark_min_time="$DATAPATH_MIN_TIME" "${DATAPATH_FLAGS[@]}" \
   --ratios_md="$OUT/datapath.md" >"$OUT/datapath.log" 2>&1 ||
   { tail -20 "$OUT/datapath.log" >&2; exit 1; }
 
@@ -278,7 +288,7 @@ git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
   echo "# sanreg performance report"
   echo
   echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $COMMIT by"
-  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS REUSE_DURATION=$REUSE_DURATION${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
+  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS DATAPATH_REPS=$DATAPATH_REPS REUSE_DURATION=$REUSE_DURATION${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
   echo
   echo "Machine: $(machine)."
   echo "Load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end."
