@@ -19,10 +19,13 @@
 #   DATAPATH_MIN_TIME --benchmark_min_time of the data path benchmark (default 0.2 s; at 0.05 s a
 #                     tcp row of 1 MiB at depth 32 timed a handful of iterations and swung 0.6-1.2)
 #   REPS              repetitions of each Google Benchmark (the median is reported; default 1)
-#   DATAPATH_REPS     repetitions of each data path benchmark (default: 1 when REPS is 1, else
-#                     REPS but at least 5), run in random interleaving when more than 1: each
-#                     opens new connections, and the guest's speed changes for minutes at a time,
-#                     so back-to-back repetitions could put raw in one spell and sanreg in another
+#   CACHE_REPS, DATAPATH_REPS
+#                     repetitions of each benchmark of the cache comparison and of the data path
+#                     (default: 1 when REPS is 1, else REPS but at least 5), run in random
+#                     interleaving when more than 1. The guest's speed (and one vCPU's memory
+#                     latency) changes for minutes at a time, so back-to-back repetitions could
+#                     put raw in one spell and sanreg in another, or UCX's hits in one and sanreg's
+#                     in another; and each data path repetition opens new connections
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s; 3 runs per size and mode)
 #   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
 #                     below this before starting, e.g. 1.5; unset: start at once
@@ -36,7 +39,11 @@ OUT=${1:-perf-report}
 CACHE_MIN_TIME=${CACHE_MIN_TIME:-0.2}
 DATAPATH_MIN_TIME=${DATAPATH_MIN_TIME:-0.2}
 REPS=${REPS:-1}
-if [ "$REPS" -gt 1 ]; then DATAPATH_REPS=${DATAPATH_REPS:-$((REPS > 5 ? REPS : 5))}; fi
+if [ "$REPS" -gt 1 ]; then
+  CACHE_REPS=${CACHE_REPS:-$((REPS > 5 ? REPS : 5))}
+  DATAPATH_REPS=${DATAPATH_REPS:-$((REPS > 5 ? REPS : 5))}
+fi
+CACHE_REPS=${CACHE_REPS:-1}
 DATAPATH_REPS=${DATAPATH_REPS:-1}
 REUSE_DURATION=${REUSE_DURATION:-1}
 WAIT_MAX=${WAIT_MAX:-900}
@@ -82,14 +89,18 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 GB_FLAGS=(--benchmark_repetitions="$REPS" --benchmark_color=false)
 if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); fi
-DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS" --benchmark_color=false)
-if [ "$DATAPATH_REPS" -gt 1 ]; then
-  DATAPATH_FLAGS+=(--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true)
-fi
+interleaved_flags() {  # interleaved_flags REPS: Google Benchmark flags for REPS interleaved runs
+  echo "--benchmark_repetitions=$1 --benchmark_color=false"
+  if [ "$1" -gt 1 ]; then
+    echo "--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true"
+  fi
+}
+read -r -a CACHE_FLAGS <<<"$(interleaved_flags "$CACHE_REPS" | tr '\n' ' ')"
+read -r -a DATAPATH_FLAGS <<<"$(interleaved_flags "$DATAPATH_REPS" | tr '\n' ' ')"
 
 # ---- 1. the cache against UCX ----------------------------------------------------------------
 echo "perf_report: cache vs UCX" >&2
-"${RUN[@]}" "$BIN/regcache/ucx_comparison_benchmark" --benchmark_min_time="$CACHE_MIN_TIME" "${GB_FLAGS[@]}" \
+"${RUN[@]}" "$BIN/regcache/ucx_comparison_benchmark" --benchmark_min_time="$CACHE_MIN_TIME" "${CACHE_FLAGS[@]}" \
   --ratios_md="$OUT/cache.md" >"$OUT/cache.log" 2>&1 || { tail -20 "$OUT/cache.log" >&2; exit 1; }
 
 # ---- 2. the data path against raw libfabric --------------------------------------------------
@@ -288,7 +299,7 @@ git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
   echo "# sanreg performance report"
   echo
   echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $COMMIT by"
-  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS DATAPATH_REPS=$DATAPATH_REPS REUSE_DURATION=$REUSE_DURATION${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
+  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS CACHE_REPS=$CACHE_REPS DATAPATH_REPS=$DATAPATH_REPS REUSE_DURATION=$REUSE_DURATION${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
   echo
   echo "Machine: $(machine)."
   echo "Load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end."
