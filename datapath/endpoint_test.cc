@@ -4,7 +4,10 @@
 
 #include "datapath/endpoint.h"
 
+#include <dirent.h>
 #include <gtest/gtest.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -16,6 +19,8 @@
 #include <iterator>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -40,13 +45,21 @@ class EndpointTest : public ::testing::TestWithParam<const char*> {
   // (Re)opens the pair and registrars, with the progress threads' idle poll `idle_poll`.
   void Open(absl::Duration idle_poll) {
     TearDown();
+    if (std::string(GetParam()) == "verbs-fake") internal::FakeDevice::Get().Reset();
+    absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(Options(idle_poll));
+    ASSERT_TRUE(p.ok()) << p.status();
+    pair_ = std::make_unique<ConnectedPair>(*std::move(p));
+    ireg_ = pair_->initiator_fabric->NewRegistrar(&pin_);
+    treg_ = pair_->target_fabric->NewRegistrar(&pin_);
+  }
+  // The options of this test's provider.
+  FabricOptions Options(absl::Duration idle_poll = FabricOptions().idle_poll) const {
     FabricOptions o;
     o.idle_poll = idle_poll;
     o.provider = GetParam();
     o.max_in_flight = 16;  // small, so that queueing is exercised
     o.apply_env = false;
     if (o.provider == "verbs-fake") {
-      internal::FakeDevice::Get().Reset();
       o.provider = "verbs";
       o.verbs_api = internal::FakeDevice::Api();
     }
@@ -55,11 +68,7 @@ class EndpointTest : public ::testing::TestWithParam<const char*> {
     o.provider = "verbs";
     o.verbs_api = nullptr;
 #endif
-    absl::StatusOr<ConnectedPair> p = ConnectedPair::Make(o);
-    ASSERT_TRUE(p.ok()) << p.status();
-    pair_ = std::make_unique<ConnectedPair>(*std::move(p));
-    ireg_ = pair_->initiator_fabric->NewRegistrar(&pin_);
-    treg_ = pair_->target_fabric->NewRegistrar(&pin_);
+    return o;
   }
   void TearDown() override {
     pair_.reset();
@@ -398,6 +407,76 @@ TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
 
 // "auto" between two fabrics of this process: the pair connects over loopback, so it runs shm with
 // the registrations made in both of each fabric's domains.
+// The ids of this process's threads named `name` (/proc/self/task/*/comm).
+std::set<pid_t> ThreadsNamed(const std::string& name) {
+  std::set<pid_t> out;
+  DIR* d = opendir("/proc/self/task");
+  if (d == nullptr) return out;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::string path = std::string("/proc/self/task/") + e->d_name + "/comm";
+    char comm[32] = {};
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      if (std::fgets(comm, sizeof comm, f) != nullptr) {
+        comm[std::strcspn(comm, "\n")] = 0;
+        if (name == comm) out.insert(static_cast<pid_t>(std::atoi(e->d_name)));
+      }
+      std::fclose(f);
+    }
+  }
+  closedir(d);
+  return out;
+}
+
+// FabricOptions::progress_cpu: once Open returns, the fabric's progress threads are named and run
+// on that CPU alone (the last one this process may use, so that it differs from the default where
+// there are several), and a number that is no CPU of this machine is refused with
+// kInvalidArgument.
+TEST_P(EndpointTest, ProgressThreadsRunOnTheChosenCpu) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  ASSERT_EQ(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+  int cpu = -1;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &allowed)) cpu = c;
+  }
+  ASSERT_GE(cpu, 0);
+  const std::set<pid_t> before = ThreadsNamed("sanreg-progress");
+  EXPECT_FALSE(before.empty()) << "the fixture's fabrics name their progress threads";
+  FabricOptions o = Options();
+  o.progress_cpu = cpu;
+  auto fabric = Fabric::Open(o);
+  ASSERT_TRUE(fabric.ok()) << fabric.status();
+  std::set<pid_t> added;
+  for (pid_t tid : ThreadsNamed("sanreg-progress")) {
+    if (before.count(tid) == 0) added.insert(tid);
+  }
+  ASSERT_FALSE(added.empty());
+  for (pid_t tid : added) {
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    ASSERT_EQ(sched_getaffinity(tid, sizeof mask, &mask), 0);
+    EXPECT_EQ(CPU_COUNT(&mask), 1) << "thread " << tid;
+    EXPECT_TRUE(CPU_ISSET(cpu, &mask)) << "thread " << tid;
+  }
+  fabric->reset();
+
+  for (int bad : {-2, CPU_SETSIZE, CPU_SETSIZE + 7}) {
+    o.progress_cpu = bad;
+    auto refused = Fabric::Open(o);
+    ASSERT_FALSE(refused.ok()) << bad;
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  }
+  // A CPU number the machine does not have: the kernel refuses to run a thread there.
+  const long configured = sysconf(_SC_NPROCESSORS_CONF);
+  if (configured > 0 && configured < CPU_SETSIZE) {
+    o.progress_cpu = static_cast<int>(configured);
+    auto refused = Fabric::Open(o);
+    ASSERT_FALSE(refused.ok()) << configured;
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  }
+}
+
 #ifndef SANREG_VERBS_DEVICE_TEST
 INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest,
                          ::testing::Values("tcp", "shm", "auto", "verbs-fake"),

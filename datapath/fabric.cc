@@ -2,16 +2,46 @@
 
 #include "datapath/fabric.h"
 
+#include <pthread.h>
+#include <sched.h>
+
+#include <cstring>
+
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "datapath/endpoint.h"
 #include "datapath/internal/backend.h"
 
 namespace sanreg {
 
+namespace internal {
+
+absl::Status ConfigureProgressThread(std::thread& t, int cpu) {
+  pthread_setname_np(t.native_handle(), "sanreg-progress");
+  if (cpu < 0) return absl::OkStatus();
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);  // Fabric::Open checked 0 <= cpu < CPU_SETSIZE
+  // The kernel is the judge of where this process may run (online CPUs, its cpuset); a later
+  // change of the cpuset leaves the thread where the scheduler puts it.
+  const int err = pthread_setaffinity_np(t.native_handle(), sizeof one, &one);
+  if (err != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "progress_cpu ", cpu, " is not a CPU this process may run on: ", strerror(err)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace internal
+
 absl::StatusOr<std::unique_ptr<Fabric>> Fabric::Open(FabricOptions options) {
   if (options.apply_env) {
     absl::Status s = internal::ApplyEnvOverrides(&options);
     if (!s.ok()) return s;
+  }
+  if (options.progress_cpu < -1 || options.progress_cpu >= CPU_SETSIZE) {
+    return absl::InvalidArgumentError(absl::StrCat("progress_cpu ", options.progress_cpu,
+                                                   " is not a CPU number (-1: no pinning)"));
   }
   absl::StatusOr<std::unique_ptr<internal::FabricBackend>> core =
       options.provider == "verbs" || absl::StartsWith(options.provider, "verbs:")

@@ -55,7 +55,8 @@ class Listener;
 
 // The data path's options (STYLE.md rule 11). Environment overrides, applied by Open when
 // `apply_env` is set, are declared in one table in libfabric/setup.cc:
-//   SANREG_PROVIDER, SANREG_MAX_IN_FLIGHT, SANREG_OP_TIMEOUT_MS, SANREG_IDLE_POLL_US.
+//   SANREG_PROVIDER, SANREG_MAX_IN_FLIGHT, SANREG_OP_TIMEOUT_MS, SANREG_IDLE_POLL_US,
+//   SANREG_PROGRESS_CPU.
 struct FabricOptions {
   // "tcp", "shm" or "auto" (libfabric); "verbs" (rdma-core: the first device with an active
   // port) or "verbs:<device>" (that device, by its ibv name).
@@ -70,6 +71,12 @@ struct FabricOptions {
   absl::Duration op_timeout = absl::Seconds(30);
   // The longest the progress thread sleeps between polls when nothing is in flight.
   absl::Duration idle_poll = absl::Milliseconds(1);
+  // The CPU the fabric's progress threads run on, or -1 to leave them to the scheduler. Pinning
+  // keeps a spinning progress thread off the CPU of a thread that posts and polls, and on one CPU
+  // where CPUs differ (the vCPUs of a virtual machine may differ in memory latency). Fabric::Open
+  // refuses, with kInvalidArgument, a number outside [-1, CPU_SETSIZE) and a CPU the kernel will
+  // not run this process's threads on. The threads are named "sanreg-progress".
+  int progress_cpu = -1;
   bool apply_env = true;
   // Test hook, verbs only: the function table to run the backend on instead of rdma-core's, e.g.
   // the in-process fake device (datapath/verbs/fake_device.h). Null: rdma-core.

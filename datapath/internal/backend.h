@@ -21,6 +21,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -82,6 +83,12 @@ void FinishOperation(Completion* c, absl::Status s);
 
 // Applies the SANREG_* environment overrides to `o` (one table, libfabric/setup.cc).
 absl::Status ApplyEnvOverrides(FabricOptions* o);
+
+// Called by a backend right after it starts a progress thread `t`: names it "sanreg-progress"
+// and, when `cpu` >= 0, pins it there. Returns kInvalidArgument when the kernel will not run the
+// thread on `cpu` (not online, or outside the process's cpuset); the backend's Open then fails
+// with it. fabric.cc.
+absl::Status ConfigureProgressThread(std::thread& t, int cpu);
 
 // Opens a backend. REQUIRES: environment overrides already applied.
 absl::StatusOr<std::unique_ptr<FabricBackend>> OpenLibfabric(const FabricOptions& options);

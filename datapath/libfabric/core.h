@@ -85,7 +85,8 @@ class FabricCore final : public FabricBackend {
   absl::StatusOr<std::unique_ptr<Endpoint>> Connect(absl::string_view host_port) override;
 
   absl::Status Open(const FabricOptions& options);  // setup.cc
-  void StartProgress();  // also local_'s
+  // Starts the progress thread, and local_'s; fails as ConfigureProgressThread (backend.h).
+  absl::Status StartProgress();
 
   // Creates an endpoint for the out-of-band connection `sock`: its queues and, on shm, its
   // provider endpoint. On tcp the provider endpoint comes with the provider connection

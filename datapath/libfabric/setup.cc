@@ -78,6 +78,8 @@ constexpr EnvOverride kEnvOverrides[] = {
        o.idle_poll = absl::Microseconds(us);
        return true;
      }},
+    {"SANREG_PROGRESS_CPU",
+     [](FabricOptions& o, const char* v) { return absl::SimpleAtoi(v, &o.progress_cpu); }},
 };
 
 // The hello each side sends on the out-of-band socket: who it is and where its provider endpoint
@@ -332,7 +334,7 @@ absl::Status FabricCore::Open(const FabricOptions& options) {
   return absl::OkStatus();
 }
 
-void FabricCore::StartProgress() {
+absl::Status FabricCore::StartProgress() {
   absl::Notification holding;
   progress_ = std::thread([this, &holding] {
     // The beacon is held before any endpoint exists, by the thread that lives as long as them.
@@ -341,8 +343,10 @@ void FabricCore::StartProgress() {
     ProgressLoop();
     if (beacon_ != nullptr) beacon_->Release();
   });
+  absl::Status pinned = ConfigureProgressThread(progress_, options_.progress_cpu);
   holding.WaitForNotification();
-  if (local_ != nullptr) local_->StartProgress();
+  if (!pinned.ok()) return pinned;  // the destructor stops the thread
+  return local_ != nullptr ? local_->StartProgress() : absl::OkStatus();
 }
 
 FabricCore::~FabricCore() {
@@ -801,7 +805,8 @@ absl::StatusOr<std::unique_ptr<FabricBackend>> OpenLibfabric(const FabricOptions
   auto core = std::make_unique<FabricCore>();
   absl::Status s = core->Open(options);
   if (!s.ok()) return s;
-  core->StartProgress();
+  s = core->StartProgress();
+  if (!s.ok()) return s;
   return std::unique_ptr<FabricBackend>(std::move(core));
 }
 

@@ -120,7 +120,8 @@ absl::StatusOr<std::unique_ptr<FabricBackend>> OpenVerbs(const FabricOptions& op
   auto f = std::make_unique<VerbsFabric>();
   absl::Status s = f->Open(options);
   if (!s.ok()) return s;
-  f->StartProgress();
+  s = f->StartProgress();
+  if (!s.ok()) return s;
   return std::unique_ptr<FabricBackend>(std::move(f));
 }
 
@@ -188,8 +189,9 @@ VerbsFabric::~VerbsFabric() {
   if (wake_fd_ >= 0) close(wake_fd_);
 }
 
-void VerbsFabric::StartProgress() {
+absl::Status VerbsFabric::StartProgress() {
   progress_ = std::thread([this] { ProgressLoop(); });
+  return ConfigureProgressThread(progress_, options_.progress_cpu);  // the destructor stops it
 }
 
 std::unique_ptr<Registrar> VerbsFabric::NewRegistrar(Registrar* pinner) {

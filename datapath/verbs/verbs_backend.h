@@ -82,7 +82,7 @@ class VerbsFabric final : public FabricBackend {
   ~VerbsFabric() override;
 
   absl::Status Open(const FabricOptions& options);  // setup.cc
-  void StartProgress();
+  absl::Status StartProgress();  // fails as ConfigureProgressThread (backend.h)
 
   const std::string& provider_name() const override { return provider_name_; }
   const FabricOptions& options() const override { return options_; }
