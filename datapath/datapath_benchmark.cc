@@ -25,6 +25,7 @@
 // tables keep the order in which the benchmarks are registered.
 
 #include <benchmark/benchmark.h>
+#include <pthread.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
@@ -32,6 +33,7 @@
 #include <rdma/fi_eq.h>
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -57,6 +59,36 @@ namespace {
 constexpr size_t kMaxSize = size_t{16} << 20;
 constexpr int64_t kSizes[] = {64, 4096, 65536, 1 << 20, 16 << 20};
 constexpr int64_t kDepths[] = {1, 32};
+// --pin: the caller's thread (and the initiator fabric's progress thread) on the first CPU this
+// process may use, the target's progress thread (raw: the thread that polls the target's queue) on
+// the second, in every mode. Where the CPUs differ (this project's 2-vCPU guest: see
+// docs/PERFORMANCE.md), unpinned modes can land their threads differently and run at different
+// speeds. Off by default.
+bool g_pin = false;
+int g_cpus[2] = {-1, -1};  // from sched_getaffinity in main(), when --pin
+
+// Keeps the calling thread on g_cpus[i] while it lives (nothing without --pin).
+class ScopedPin {
+ public:
+  explicit ScopedPin(int i) {
+    if (!g_pin || g_cpus[i] < 0) return;
+    if (pthread_getaffinity_np(pthread_self(), sizeof old_, &old_) != 0) return;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(g_cpus[i], &one);
+    pinned_ = pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
+  }
+  ~ScopedPin() {
+    if (pinned_) pthread_setaffinity_np(pthread_self(), sizeof old_, &old_);
+  }
+  ScopedPin(const ScopedPin&) = delete;
+  ScopedPin& operator=(const ScopedPin&) = delete;
+
+ private:
+  cpu_set_t old_;
+  bool pinned_ = false;
+};
+
 // kWarmUp: every benchmark runs one untimed iteration first. The first operations on a fresh
 // connection pay one-time costs (on shm, the first 16 MiB read of a new sanreg pair takes about
 // 65 ms, the next ones under 2 ms), and at 16 MiB a short --benchmark_min_time measures a single
@@ -250,6 +282,7 @@ void RawIteration(Raw& raw, bool write, size_t size, int depth, bool drive_targe
 
 // Both sides driven by the caller's thread (raw1thread): for reference only.
 void BM_Raw(benchmark::State& state, const char* prov, bool write) {
+  ScopedPin pin(0);
   Raw raw(prov);
   if (!raw.ok) {
     state.SkipWithError("raw setup failed");
@@ -266,6 +299,7 @@ void BM_Raw(benchmark::State& state, const char* prov, bool write) {
 // a target in another process must be: the initiator's thread no longer drives the target's side
 // of the protocol. This is the raw loop sanreg is compared with.
 void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
+  ScopedPin pin(0);
   Raw raw(prov);
   if (!raw.ok) {
     state.SkipWithError("raw setup failed");
@@ -273,6 +307,7 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
   }
   std::atomic<bool> stop{false};
   std::thread target([&] {
+    ScopedPin target_pin(1);
     fi_cq_entry e[16];
     while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.side[1].cq, e, 16);
   });
@@ -288,10 +323,16 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
 // `drive`: the caller reaps completions itself (Endpoint::Poll) while it waits (sanreg-poll),
 // instead of blocking in Completion::Wait until the progress thread hands them over (sanreg).
 void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive) {
+  ScopedPin caller_pin(0);
   FabricOptions o;
   o.provider = prov;
   o.apply_env = false;
-  auto pair = testing::ConnectedPair::Make(o);
+  FabricOptions target = o;
+  if (g_pin) {
+    o.progress_cpu = g_cpus[0];
+    target.progress_cpu = g_cpus[1];
+  }
+  auto pair = testing::ConnectedPair::Make(o, target);
   if (!pair.ok()) {
     state.SkipWithError("sanreg setup failed");
     return;
@@ -461,18 +502,34 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
 int main(int argc, char** argv) {
   using namespace sanreg;
-  // --ratios_md=FILE: also write the markdown tables there (the flag is ours, not the library's).
+  // --ratios_md=FILE: also write the markdown tables there; --pin: see g_pin (our flags, not the
+  // library's).
   std::string ratios_md;
   int kept = 1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--ratios_md=", 0) == 0) {
       ratios_md = a.substr(12);
+    } else if (a == "--pin") {
+      g_pin = true;
     } else {
       argv[kept++] = argv[i];
     }
   }
   argc = kept;
+  if (g_pin) {
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    if (sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
+      for (int c = 0, n = 0; c < CPU_SETSIZE && n < 2; ++c) {
+        if (CPU_ISSET(c, &allowed)) g_cpus[n++] = c;
+      }
+    }
+    if (g_cpus[1] < 0) {
+      std::fprintf(stderr, "datapath_benchmark: --pin needs two CPUs\n");
+      return 1;
+    }
+  }
   RatioReporter reporter;
   for (const char* prov : {"tcp", "shm"}) {
     for (bool write : {true, false}) {

@@ -76,11 +76,16 @@ struct ConnectedPair {
   std::unique_ptr<Endpoint> target;
 
   static absl::StatusOr<ConnectedPair> Make(const FabricOptions& options) {
+    return Make(options, options);
+  }
+  // The initiator's fabric opened with `initiator`, the target's with `target`.
+  static absl::StatusOr<ConnectedPair> Make(const FabricOptions& initiator,
+                                            const FabricOptions& target) {
     ConnectedPair p;
-    absl::StatusOr<std::unique_ptr<Fabric>> f = Fabric::Open(options);
+    absl::StatusOr<std::unique_ptr<Fabric>> f = Fabric::Open(initiator);
     if (!f.ok()) return f.status();
     p.initiator_fabric = *std::move(f);
-    f = Fabric::Open(options);
+    f = Fabric::Open(target);
     if (!f.ok()) return f.status();
     p.target_fabric = *std::move(f);
     absl::Status s = p.Connect();
