@@ -25,7 +25,6 @@
 // tables keep the order in which the benchmarks are registered.
 
 #include <benchmark/benchmark.h>
-#include <pthread.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
@@ -33,7 +32,6 @@
 #include <rdma/fi_eq.h>
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -51,6 +49,7 @@
 #include "datapath/endpoint.h"
 #include "datapath/fabric.h"
 #include "datapath/internal/test_util.h"
+#include "regcache/bench_cpu.h"
 #include "regcache/pin_registrar.h"
 
 namespace sanreg {
@@ -65,29 +64,10 @@ constexpr int64_t kDepths[] = {1, 32};
 // docs/PERFORMANCE.md), unpinned modes can land their threads differently and run at different
 // speeds. Off by default.
 bool g_pin = false;
-int g_cpus[2] = {-1, -1};  // from sched_getaffinity in main(), when --pin
+int g_cpus[2] = {-1, -1};  // the first two CPUs of the process, with --pin
 
-// Keeps the calling thread on g_cpus[i] while it lives (nothing without --pin).
-class ScopedPin {
- public:
-  explicit ScopedPin(int i) {
-    if (!g_pin || g_cpus[i] < 0) return;
-    if (pthread_getaffinity_np(pthread_self(), sizeof old_, &old_) != 0) return;
-    cpu_set_t one;
-    CPU_ZERO(&one);
-    CPU_SET(g_cpus[i], &one);
-    pinned_ = pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
-  }
-  ~ScopedPin() {
-    if (pinned_) pthread_setaffinity_np(pthread_self(), sizeof old_, &old_);
-  }
-  ScopedPin(const ScopedPin&) = delete;
-  ScopedPin& operator=(const ScopedPin&) = delete;
-
- private:
-  cpu_set_t old_;
-  bool pinned_ = false;
-};
+// The CPU of role `i` (0: the caller's side, 1: the target's), or -1 (no pinning) without --pin.
+int PinCpu(int i) { return g_pin ? g_cpus[i] : -1; }
 
 // kWarmUp: every benchmark runs one untimed iteration first. The first operations on a fresh
 // connection pay one-time costs (on shm, the first 16 MiB read of a new sanreg pair takes about
@@ -282,7 +262,7 @@ void RawIteration(Raw& raw, bool write, size_t size, int depth, bool drive_targe
 
 // Both sides driven by the caller's thread (raw1thread): for reference only.
 void BM_Raw(benchmark::State& state, const char* prov, bool write) {
-  ScopedPin pin(0);
+  bench::ScopedPin pin(PinCpu(0));
   Raw raw(prov);
   if (!raw.ok) {
     state.SkipWithError("raw setup failed");
@@ -299,7 +279,7 @@ void BM_Raw(benchmark::State& state, const char* prov, bool write) {
 // a target in another process must be: the initiator's thread no longer drives the target's side
 // of the protocol. This is the raw loop sanreg is compared with.
 void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
-  ScopedPin pin(0);
+  bench::ScopedPin pin(PinCpu(0));
   Raw raw(prov);
   if (!raw.ok) {
     state.SkipWithError("raw setup failed");
@@ -307,7 +287,7 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
   }
   std::atomic<bool> stop{false};
   std::thread target([&] {
-    ScopedPin target_pin(1);
+    bench::ScopedPin target_pin(PinCpu(1));
     fi_cq_entry e[16];
     while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.side[1].cq, e, 16);
   });
@@ -323,7 +303,7 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
 // `drive`: the caller reaps completions itself (Endpoint::Poll) while it waits (sanreg-poll),
 // instead of blocking in Completion::Wait until the progress thread hands them over (sanreg).
 void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive) {
-  ScopedPin caller_pin(0);
+  bench::ScopedPin caller_pin(PinCpu(0));
   FabricOptions o;
   o.provider = prov;
   o.apply_env = false;
@@ -518,13 +498,8 @@ int main(int argc, char** argv) {
   }
   argc = kept;
   if (g_pin) {
-    cpu_set_t allowed;
-    CPU_ZERO(&allowed);
-    if (sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
-      for (int c = 0, n = 0; c < CPU_SETSIZE && n < 2; ++c) {
-        if (CPU_ISSET(c, &allowed)) g_cpus[n++] = c;
-      }
-    }
+    const std::vector<int> cpus = bench::ThreadCpus();
+    for (size_t n = 0; n < 2 && n < cpus.size(); ++n) g_cpus[n] = cpus[n];
     if (g_cpus[1] < 0) {
       std::fprintf(stderr, "datapath_benchmark: --pin needs two CPUs\n");
       return 1;

@@ -9,7 +9,7 @@
 //                                     share, in random order), at 100, 10,000 and 1,000,000
 //                                     regions, in steady state; the counter first_pass_ns is the
 //                                     first pass over all regions right after populating (see Get);
-//                                     thread i runs on the i-th CPU for both caches (ScopedPin);
+//                                     thread i runs on the i-th CPU for both caches (HitCpu);
 //   BM_Miss<Cache>:                   a miss on a fresh address (zero-cost registrar), with the
 //                                     region dropped again outside the timing;
 //   BM_MissMlock<Cache>:              the same with the mlock registrar (registrar cost included);
@@ -28,8 +28,6 @@
 
 #include <benchmark/benchmark.h>
 #include <malloc.h>
-#include <pthread.h>
-#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -51,6 +49,7 @@ extern "C" {
 #include <ucs/memory/rcache.h>
 }
 
+#include "regcache/bench_cpu.h"
 #include "regcache/cache.h"
 #include "regcache/null_registrar.h"
 #include "regcache/pin_registrar.h"
@@ -297,52 +296,30 @@ Populated& Get(int regions) {
 }
 
 // The CPUs this process may run on, as it started (main() reads them before any benchmark runs).
-cpu_set_t& StartCpus() {
-  static cpu_set_t cpus;
+std::vector<int>& StartCpus() {
+  static std::vector<int> cpus;
   return cpus;
 }
 
-// Keeps the calling thread on one CPU while it lives: thread `index` of a hit benchmark on the
-// index-th CPU of StartCpus() (modulo their number), then back on the CPUs it had.
-// Why: this guest's two vCPUs can differ twofold in memory latency for minutes at a time (a hit
-// at 1,000,000 regions took 139-140 ns on one and 301-369 ns on the other, same binary, minutes
-// apart; docs/PERFORMANCE.md). Left to the scheduler, one cache's 1-thread benchmark could run on
-// one vCPU and the other cache's on the other, and that would decide their ratio. Pinned, thread
-// i of both caches runs on the same CPU. The caches Get() creates are created pinned: sanreg's
-// reclaimer thread keeps thread 0's CPU (it sleeps through the hit benchmarks).
-class ScopedPin {
- public:
-  explicit ScopedPin(int index) {
-    if (pthread_getaffinity_np(pthread_self(), sizeof old_, &old_) != 0) return;
-    const cpu_set_t& all = StartCpus();
-    const int n = CPU_COUNT(&all);
-    if (n == 0) return;
-    for (int cpu = 0, seen = 0; cpu < CPU_SETSIZE; ++cpu) {
-      if (!CPU_ISSET(cpu, &all) || seen++ != index % n) continue;
-      cpu_set_t one;
-      CPU_ZERO(&one);
-      CPU_SET(cpu, &one);
-      pinned_ = pthread_setaffinity_np(pthread_self(), sizeof one, &one) == 0;
-      break;
-    }
-  }
-  ~ScopedPin() {
-    if (pinned_) pthread_setaffinity_np(pthread_self(), sizeof old_, &old_);
-  }
-  ScopedPin(const ScopedPin&) = delete;
-  ScopedPin& operator=(const ScopedPin&) = delete;
-
- private:
-  cpu_set_t old_;
-  bool pinned_ = false;
-};
+// Thread `index` of a hit benchmark runs on the index-th CPU of StartCpus() (modulo their number)
+// while the returned pin lives. Why: this guest's two vCPUs can differ twofold in memory latency
+// for minutes at a time (a hit at 1,000,000 regions took 139-140 ns on one and 301-369 ns on the
+// other, same binary, minutes apart; docs/PERFORMANCE.md). Left to the scheduler, one cache's
+// 1-thread benchmark could run on one vCPU and the other cache's on the other, and that would
+// decide their ratio. Pinned, thread i of both caches runs on the same CPU. The caches Get()
+// creates are created pinned: sanreg's reclaimer thread keeps thread 0's CPU (it sleeps through
+// the hit benchmarks).
+int HitCpu(int index) {
+  const std::vector<int>& cpus = StartCpus();
+  return cpus.empty() ? -1 : cpus[static_cast<size_t>(index) % cpus.size()];
+}
 
 std::vector<char*> MyShare(benchmark::State& state, char* arena, int regions) {
   return Shuffled(arena, regions, state.threads(), state.thread_index());
 }
 
 void BM_HitSanreg(benchmark::State& state) {
-  ScopedPin pin(state.thread_index());
+  bench::ScopedPin pin(HitCpu(state.thread_index()));
   const int regions = static_cast<int>(state.range(0));
   Populated& p = Get(regions);
   auto addrs = MyShare(state, p.arena, regions);
@@ -362,7 +339,7 @@ void BM_HitSanreg(benchmark::State& state) {
 }
 
 void BM_HitUcx(benchmark::State& state) {
-  ScopedPin pin(state.thread_index());
+  bench::ScopedPin pin(HitCpu(state.thread_index()));
   const int regions = static_cast<int>(state.range(0));
   Populated& p = Get(regions);
   auto addrs = MyShare(state, p.arena, regions);
@@ -669,9 +646,7 @@ int main(int argc, char** argv) {
     }
   }
   argc = kept;
-  if (sched_getaffinity(0, sizeof(cpu_set_t), &sanreg::StartCpus()) != 0) {
-    CPU_ZERO(&sanreg::StartCpus());  // no pinning (ScopedPin)
-  }
+  sanreg::StartCpus() = sanreg::bench::ThreadCpus();  // empty: no pinning (HitCpu)
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   sanreg::RatioReporter reporter;

@@ -1,13 +1,14 @@
 // poll_lock_test.cc: PollLock: mutual exclusion under contention (try_lock and lock), try_lock on
 // a held lock, and lock() waiting out a holder.
 
+#include "datapath/internal/poll_lock.h"
+
 #include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <thread>
 #include <vector>
 
-#include "datapath/internal/poll_lock.h"
 #include "gtest/gtest.h"
 
 namespace sanreg::internal {
