@@ -308,10 +308,8 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
   o.provider = prov;
   o.apply_env = false;
   FabricOptions target = o;
-  if (g_pin) {
-    o.progress_cpu = g_cpus[0];
-    target.progress_cpu = g_cpus[1];
-  }
+  o.progress_cpu = PinCpu(0);
+  target.progress_cpu = PinCpu(1);
   auto pair = testing::ConnectedPair::Make(o, target);
   if (!pair.ok()) {
     state.SkipWithError("sanreg setup failed");

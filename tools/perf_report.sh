@@ -31,7 +31,8 @@
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
 #                     other work on a shared machine takes less of its cores; unset: as is
-# Takes about 9 minutes on 2 vCPUs. Needs tools/setup.sh's packages (ucx-utils, gnuplot-nox).
+# Takes about 11 minutes on 2 vCPUs with REPS=3. Needs tools/setup.sh's packages (ucx-utils,
+# gnuplot-nox).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -89,14 +90,11 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 GB_FLAGS=(--benchmark_repetitions="$REPS" --benchmark_color=false)
 if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); fi
-interleaved_flags() {  # interleaved_flags REPS: Google Benchmark flags for REPS interleaved runs
-  echo "--benchmark_repetitions=$1 --benchmark_color=false"
-  if [ "$1" -gt 1 ]; then
-    echo "--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true"
-  fi
-}
-read -r -a CACHE_FLAGS <<<"$(interleaved_flags "$CACHE_REPS" | tr '\n' ' ')"
-read -r -a DATAPATH_FLAGS <<<"$(interleaved_flags "$DATAPATH_REPS" | tr '\n' ' ')"
+INTERLEAVED=(--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true)
+CACHE_FLAGS=(--benchmark_repetitions="$CACHE_REPS" --benchmark_color=false)
+if [ "$CACHE_REPS" -gt 1 ]; then CACHE_FLAGS+=("${INTERLEAVED[@]}"); fi
+DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS" --benchmark_color=false)
+if [ "$DATAPATH_REPS" -gt 1 ]; then DATAPATH_FLAGS+=("${INTERLEAVED[@]}"); fi
 
 # ---- 1. the cache against UCX ----------------------------------------------------------------
 echo "perf_report: cache vs UCX" >&2
