@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <string>
@@ -21,7 +22,9 @@
 
 namespace sanreg {
 
+using internal::HazardSlot;
 using internal::kDeadBit;
+using internal::kEvictingBit;
 using internal::kIncarnationShift;
 using internal::kInvalidatedBit;
 using internal::kRefMask;
@@ -141,6 +144,12 @@ const std::vector<EnvOverride>& EnvOverrides() {
          o->publish_stats = v == "1";
          return true;
        }},
+      {"SANREG_CACHE_HAZARDS", "0 or 1: hits hold regions by hazard slots",
+       [](const std::string& v, RegistrationCache::Options* o) {
+         if (v != "0" && v != "1") return false;
+         o->hazard_references = v == "1";
+         return true;
+       }},
       {"SANREG_CACHE_EVICTION", "lru or cost",
        [](const std::string& v, RegistrationCache::Options* o) {
          if (v == "lru") {
@@ -190,7 +199,8 @@ RegistrationCache::RegistrationCache(Registrar* registrar, const Options& option
     : registrar_(registrar),
       options_(options),
       page_shift_(std::countr_zero(static_cast<size_t>(sysconf(_SC_PAGESIZE)))),
-      align_mask_((options.alignment ? options.alignment : size_t{1} << page_shift_) - 1) {
+      align_mask_((options.alignment ? options.alignment : size_t{1} << page_shift_) - 1),
+      hazards_(options.hazard_references && internal::HazardsEnabled()) {
   int bits =
       std::clamp(static_cast<int>(std::bit_width(options.lookup_buckets - 1)), 4, kMaxTableBits);
   tables_.push_back(std::make_unique<Table>(bits));
@@ -253,7 +263,7 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline void RegistrationCache::CountHit() const {
 }
 
 ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache::TryAcquireFast(
-    uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint) const {
+    uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint, HazardSlot** hazard) const {
   const Table* t = table_.load(std::memory_order_acquire);
   const uint64_t page = a >> page_shift_;
   const Bucket& bucket = t->buckets[BucketIndex(page, t->bits)];
@@ -261,28 +271,38 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache
     if (slot.key.load(std::memory_order_relaxed) != page) continue;
     Region* r = slot.region.load(std::memory_order_acquire);
     if (r == nullptr) continue;
-    // The hit writes this line (the CAS below, then the release): fetch it for writing now, in one
-    // coherence transaction, rather than shared by the load and then again for ownership by the
-    // CAS. It matters when another core holds a copy, as a neighbouring region's user's
-    // prefetcher may (docs/PERFORMANCE.md, target 2). A no-op where the CPU lacks PREFETCHW.
+      // The hit writes this line (the LRU time on release, and the CAS of a counted reference):
+      // fetch it for writing now, in one coherence transaction, rather than shared by the load and
+      // then again for ownership by the write. It matters when another core holds a copy, as a
+      // neighbouring region's user's prefetcher may (docs/PERFORMANCE.md, target 2). A no-op where
+      // the CPU lacks PREFETCHW.
 #if defined(__x86_64__)
     asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(r)));
 #endif
+    // Held by a hazard slot when one is free (internal/hazard.h): published before state is read.
+    HazardSlot* h = hazards_ ? internal::FreeHazardSlot() : nullptr;
+    if (h != nullptr) internal::HazardSet(h, r);
     uint64_t s = r->state.load(std::memory_order_acquire);
-    if (s & kDeadBit) {
-      if (s & kInvalidatedBit) *hint = MissHint::kInvalidated;
-      continue;
-    }
-    if (r->start.load(std::memory_order_relaxed) > a ||
+    if ((s & (kDeadBit | kEvictingBit)) != 0 || r->start.load(std::memory_order_relaxed) > a ||
         r->end.load(std::memory_order_relaxed) < b ||
         !AccessCovers(r->access.load(std::memory_order_relaxed), access)) {
+      if (h != nullptr) internal::HazardClear(h);
+      if ((s & kDeadBit) && (s & kInvalidatedBit)) *hint = MissHint::kInvalidated;
       continue;
+    }
+    if (h != nullptr) {
+      // Alive after the hazard was published: no one deregisters or evicts it while the slot
+      // names it, and its range and rights, read above, are those of this incarnation.
+      *hazard = h;
+      return r;
     }
     const uint32_t inc = Incarnation(s);
     // The CAS validates the reads above: it succeeds only if state did not change since.
-    while ((s & kDeadBit) == 0 && (s & kRefMask) != kRefMask && Incarnation(s) == inc) {
+    while ((s & (kDeadBit | kEvictingBit)) == 0 && (s & kRefMask) != kRefMask &&
+           Incarnation(s) == inc) {
       if (r->state.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
                                          std::memory_order_acquire)) {
+        *hazard = nullptr;
         return r;
       }
     }
@@ -303,10 +323,11 @@ absl::StatusOr<RegionRef> RegistrationCache::Acquire(uintptr_t addr, size_t len,
   MissHint hint = MissHint::kNone;
   // While a memory event is pending, every lookup takes the slow path, which drains it first.
   if (events_.pending() == 0) {
-    if (Region* r = TryAcquireFast(addr, end, access, &hint)) {
-      if (options_.verify_pages) return VerifiedHit(r);
+    HazardSlot* hazard = nullptr;
+    if (Region* r = TryAcquireFast(addr, end, access, &hint, &hazard)) {
+      if (options_.verify_pages) return VerifiedHit(r, hazard);
       CountHit();
-      return RegionRef(this, r);
+      return RegionRef(this, r, hazard);
     }
   }
   return AcquireSlow(addr, end, access, hint);
@@ -334,7 +355,7 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
     ++slow_stats_.locked_hits;
     FillSlot(a >> page_shift_, r);
     lock.unlock();
-    if (options_.verify_pages) return VerifiedHit(r);
+    if (options_.verify_pages) return VerifiedHit(r, nullptr);
     CountHit();
     return RegionRef(this, r);
   }
@@ -407,6 +428,8 @@ absl::StatusOr<RegionRef> RegistrationCache::AcquireSlow(uintptr_t a, uintptr_t 
   r->end.store(end, std::memory_order_relaxed);
   r->access.store(access, std::memory_order_relaxed);
   const uint64_t created = NowTicks();
+  // This thread's later releases are stamped after the region's birth (internal/region.h).
+  internal::AdvanceLruClock(created + 1);
   r->created_ticks = created;
   r->last_use.store(created, std::memory_order_relaxed);
   uint64_t inc = Incarnation(r->state.load(std::memory_order_relaxed)) + 1;
@@ -493,7 +516,17 @@ bool RegistrationCache::EvictOne() {
   auto later = [](const HeapEntry& x, const HeapEntry& y) { return x.key > y.key; };
   // Keys are lower bounds of the regions' priorities (a release only raises last_use), so the
   // first entry popped whose key is current is the minimum: exact LRU without touching the heap
-  // on the hit path.
+  // on the hit path. Regions in use are set aside, and go back into the heap when this returns.
+  // "Now" for their keys is the LRU clock, which no later release stamps below (a precise time
+  // could be above the stamp of a release made after it: internal/region.h).
+  const uint64_t now = internal::g_lru_clock.load(std::memory_order_relaxed);
+  absl::InlinedVector<HeapEntry, 8> aside;
+  auto restore = [&] {
+    for (const HeapEntry& e : aside) {
+      heap_.push_back(e);
+      std::push_heap(heap_.begin(), heap_.end(), later);
+    }
+  };
   size_t budget = 2 * heap_.size() + 16;
   while (!heap_.empty() && budget-- > 0) {
     std::pop_heap(heap_.begin(), heap_.end(), later);
@@ -502,21 +535,27 @@ bool RegistrationCache::EvictOne() {
     Region* r = e.region;
     uint64_t s = r->state.load(std::memory_order_acquire);
     if ((s & kDeadBit) || Incarnation(s) != e.incarnation) continue;  // stale entry
-    uint64_t p = Priority(r, r->last_use.load(std::memory_order_relaxed));
-    if ((s & kRefMask) != 0) {
-      // In use: not evictable now; it counts as used now.
-      p = std::max(p, Priority(r, NowTicks()));
-    }
+    const uint64_t p = Priority(r, r->last_use.load(std::memory_order_relaxed));
     if (p > e.key) {
       heap_.push_back({p, r, e.incarnation});
       std::push_heap(heap_.begin(), heap_.end(), later);
       continue;
     }
-    if ((s & kRefMask) != 0 ||
-        !r->state.compare_exchange_strong(s, s | kDeadBit, std::memory_order_acq_rel)) {
-      // Taken by a hit meanwhile: put it back as used now.
-      heap_.push_back({Priority(r, NowTicks()), r, e.incarnation});
-      std::push_heap(heap_.begin(), heap_.end(), later);
+    // With hazards, marked evicting first (invariant 3a): a hit that took it by a hazard slot
+    // before the mark is seen in the slots after the barrier; a hit after the mark refuses it.
+    const uint64_t mark = hazards_ ? kEvictingBit : kDeadBit;
+    bool in_use = (s & kRefMask) != 0 ||
+                  !r->state.compare_exchange_strong(s, s | mark, std::memory_order_acq_rel);
+    if (!in_use && hazards_) {
+      internal::HazardBarrier();
+      in_use = internal::HazardNamed(r);
+      // Nothing else changes state meanwhile: hits refuse it, only the lock holder kills.
+      r->state.fetch_xor(in_use ? kEvictingBit : kEvictingBit | kDeadBit,
+                         std::memory_order_acq_rel);
+    }
+    if (in_use) {
+      // Not evictable now; it counts as used now.
+      aside.push_back({std::max(e.key, Priority(r, now)), r, e.incarnation});
       continue;
     }
     tree_.Erase(r->node);
@@ -525,8 +564,10 @@ bool RegistrationCache::EvictOne() {
     live_bytes_ -= r->reg.length;
     ++slow_stats_.evictions;
     Retire(r);
+    restore();
     return true;
   }
+  restore();
   return false;
 }
 
@@ -540,8 +581,8 @@ bool RegistrationCache::Kill(Region* r, bool invalidated) {
   return (old & kRefMask) == 0;
 }
 
-absl::StatusOr<RegionRef> RegistrationCache::VerifiedHit(Region* r) {
-  RegionRef ref(this, r);
+absl::StatusOr<RegionRef> RegistrationCache::VerifiedHit(Region* r, HazardSlot* hazard) {
+  RegionRef ref(this, r, hazard);
   absl::Status st = registrar_->VerifyPages(r->reg);
   if (st.ok()) {
     CountHit();
@@ -700,11 +741,23 @@ void RegistrationCache::DeregisterBatch(std::vector<Region*>& batch) {
   }
 }
 
+void RegistrationCache::HazardDropped() {
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    if (deferred_.empty()) return;
+    deferred_recheck_ = true;
+  }
+  reclaim_cv_.notify_all();
+}
+
 void RegistrationCache::ReclaimerLoop() {
   // Batching: a producer pays a futex wake only when the reclaimer sleeps for good. After work the
   // reclaimer lingers (a timed wait of kLinger) so that a stream of retirements costs one wake-up,
   // and it lets a short queue fill up to kBatch for up to kGather before draining it. A retired
   // region is deregistered within about kLinger + kGather, or at once by Flush.
+  // Regions deferred for a hazard (invariant 3) are looked at again when a RegionRef drops a
+  // hazard on a dead region, and otherwise after kRecheck, doubling up to kMaxRecheck while some
+  // stay held (a hazard dropped just as the region died may not report itself: hazard.h).
   constexpr auto kLinger = std::chrono::milliseconds(1);
   constexpr auto kGather = std::chrono::microseconds(200);
   std::vector<Region*> batch;
@@ -719,12 +772,27 @@ void RegistrationCache::ReclaimerLoop() {
       }
       lock.lock();
     }
+    if (reclaim_.empty() && !deferred_.empty() && !stop_) {
+      reclaimer_state_ = ReclaimerState::kSleeping;  // any retirement wakes it
+      reclaim_cv_.wait_until(lock, recheck_at_, [&] { return has_work() || deferred_recheck_; });
+      reclaimer_state_ = ReclaimerState::kAwake;
+      const bool dropped = deferred_recheck_;
+      if (dropped || std::chrono::steady_clock::now() >= recheck_at_) {
+        recheck_ =
+            dropped ? kRecheck : std::min<std::chrono::microseconds>(2 * recheck_, kMaxRecheck);
+        deferred_recheck_ = false;
+        reclaim_.insert(reclaim_.end(), deferred_.begin(), deferred_.end());
+        deferred_.clear();
+      }
+      continue;
+    }
     if (reclaim_.empty()) {
       if (stop_) return;
+      recheck_ = kRecheck;  // nothing deferred
       reclaimer_state_ = ReclaimerState::kLingering;
       if (!reclaim_cv_.wait_for(lock, kLinger, has_work)) {
         reclaimer_state_ = ReclaimerState::kSleeping;
-        reclaim_cv_.wait(lock, has_work);
+        reclaim_cv_.wait(lock, [&] { return has_work() || !deferred_.empty(); });
       }
       reclaimer_state_ = ReclaimerState::kAwake;
       continue;
@@ -740,11 +808,32 @@ void RegistrationCache::ReclaimerLoop() {
   }
 }
 
+void RegistrationCache::DeferHazarded(std::vector<Region*>* batch) {
+  // The regions were marked dead before they were queued; the barrier orders those stores before
+  // every hit's later loads, and every earlier hit's hazard store before the reads below.
+  internal::HazardBarrier();
+  std::vector<const void*> named;
+  internal::HazardCollect(&named);
+  if (named.empty()) return;
+  std::sort(named.begin(), named.end());
+  auto held = std::stable_partition(batch->begin(), batch->end(), [&](Region* r) {
+    return !std::binary_search(named.begin(), named.end(), static_cast<const void*>(r));
+  });
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    if (deferred_.empty()) recheck_at_ = std::chrono::steady_clock::now() + recheck_;
+    deferred_.insert(deferred_.end(), held, batch->end());
+  }
+  batch->erase(held, batch->end());
+  reclaim_cv_.notify_all();  // a reclaimer asleep for good looks at them again later
+}
+
 void RegistrationCache::DeregisterQueued(std::unique_lock<std::mutex>& lock,
                                          std::vector<Region*>& batch) {
   batch.swap(reclaim_);
   ++reclaim_busy_;
   lock.unlock();
+  if (hazards_) DeferHazarded(&batch);
   DeregisterBatch(batch);
   batch.clear();
   lock.lock();
@@ -765,6 +854,9 @@ void RegistrationCache::Flush() {
 void RegistrationCache::FlushReclaimer() {
   std::vector<Region*> batch;
   std::unique_lock<std::mutex> lock(reclaim_mu_);
+  // Deferred regions are looked at again: those whose hazards were dropped go now.
+  reclaim_.insert(reclaim_.end(), deferred_.begin(), deferred_.end());
+  deferred_.clear();
   while (true) {
     if (!reclaim_.empty()) {
       DeregisterQueued(lock, batch);
@@ -786,13 +878,21 @@ size_t RegistrationCache::Regions(size_t max, std::vector<RegionInfo>* out) cons
   };
   // Only the lock holder creates, kills or recycles a region (invariant 1; recycling happens in
   // AcquireSlow): under mu_, start, end, access and created_ticks of every region read below are
-  // stable. References and last_use change with hits and releases: read as they are.
+  // stable. References and last_use change with hits and releases: read as they are (counted
+  // ones, and the hazard slots that name the region, read without the barrier).
+  std::vector<const void*> hazards;
+  if (hazards_) internal::HazardCollect(&hazards);
+  std::sort(hazards.begin(), hazards.end());
+  auto references = [&](const Region* r, uint64_t state) {
+    auto [lo, hi] = std::equal_range(hazards.begin(), hazards.end(), static_cast<const void*>(r));
+    return static_cast<uint32_t>((state & kRefMask) + static_cast<uint64_t>(hi - lo));
+  };
   auto add = [&](const Region* r, uint64_t state, RegionInfo::State kind) {
     RegionInfo info;
     info.start = r->start.load(std::memory_order_relaxed);
     info.length = r->end.load(std::memory_order_relaxed) - info.start;
     info.access = r->access.load(std::memory_order_relaxed);
-    info.references = static_cast<uint32_t>(state & kRefMask);
+    info.references = references(r, state);
     info.state = kind;
     info.age_ns = ns(r->created_ticks);
     if (info.references == 0) info.idle_ns = ns(r->last_use.load(std::memory_order_relaxed));
@@ -804,7 +904,7 @@ size_t RegistrationCache::Regions(size_t max, std::vector<RegionInfo>* out) cons
     if (out->size() >= max) return;
     const Region* r = Tree::Value(h);
     const uint64_t s = r->state.load(std::memory_order_acquire);
-    add(r, s, (s & kRefMask) ? RegionInfo::State::kActive : RegionInfo::State::kIdle);
+    add(r, s, references(r, s) ? RegionInfo::State::kActive : RegionInfo::State::kIdle);
   });
   // Dead but referenced: out of the index, found in the pool (never-used and recycled regions
   // hold no reference; dead ones without references await the reclaimer and are not listed).
@@ -813,7 +913,7 @@ size_t RegistrationCache::Regions(size_t max, std::vector<RegionInfo>* out) cons
     for (size_t k = 0; k < PoolChunkSize(i); ++k) {
       const Region* r = &pool_[i][k];
       const uint64_t s = r->state.load(std::memory_order_acquire);
-      if ((s & kDeadBit) == 0 || (s & kRefMask) == 0) continue;
+      if ((s & kDeadBit) == 0 || references(r, s) == 0) continue;
       ++total;
       if (out->size() >= max) continue;
       add(r, s,

@@ -10,16 +10,21 @@
 // Thread-safety: every method may be called from any thread, concurrently. A RegionRef may be
 // dropped on any thread.
 //
-// The hit path (no lock, no shared write but the region's own reference count):
+// The hit path (no lock, no locked instruction, no shared write):
 //   A lookup table of buckets, each of 4 slots {page key, Region*}, maps the page of a looked-up
 //   address to the region last found for it. Acquire hashes the page, and for each slot whose key
-//   matches: prefetches the region's first line for writing; loads region->state (acquire); skips
-//   it if dead; checks the region's [start, end) covers the request and its rights cover the asked
-//   ones; then takes a reference with a CAS on state that succeeds only if state is unchanged. The
-//   CAS is what validates everything read before it: an incarnation's range and rights never
-//   change, and any kill or recycle changes state (dead bit, then a new incarnation), so a
-//   successful CAS proves the region was alive, and was the region read, at the instant it took
-//   the reference.
+//   matches: prefetches the region's first line for writing; publishes the region in a free hazard
+//   slot of its thread (internal/hazard.h: a plain store); loads region->state (acquire); skips
+//   it if dead or being evicted; checks the region's [start, end) covers the request and its rights
+//   cover the asked ones. The region is then held by the hazard: whoever kills, evicts or
+//   deregisters a region writes its state first, then passes a process-wide memory barrier
+//   (membarrier), then reads the hazard slots, so either the hit saw the new state or the killer
+//   sees the hazard. The RegionRef names the slot; dropping it is a store of null (and of the LRU
+//   time into the region's line).
+//   When the thread has no free hazard slot (it holds 6 references already) or hazards are off
+//   (Options::hazard_references, or no membarrier), the hit takes a counted reference instead: a
+//   CAS on state that succeeds only if state is unchanged, which validates everything read before
+//   it (an incarnation's range and rights never change, and any kill or recycle changes state).
 //   Slots are hints only; a torn {key, Region*} pair, a slot naming a dead or recycled region, or
 //   a zeroed slot of a retired table costs a slow path, never a wrong answer. Everything else
 //   (table fills, tree changes, kills, evictions) happens under the cache lock.
@@ -29,10 +34,17 @@
 //      (Invalidate, eviction, merge), and it removes it from the tree in the same critical section.
 //   2. No Acquire that starts after Invalidate(a, n) returns can return a region overlapping
 //      [a, a + n): every such region is dead before Invalidate returns, and a dead region cannot be
-//      referenced again (a CAS from a dead state is never attempted; a CAS racing the kill fails).
-//   3. A dead region is deregistered exactly once, by whoever sees it dead with 0 references: the
-//      killer if it had none, else the RegionRef that drops the last one. Both decide on the value
-//      of one atomic read-modify-write, so exactly one of them does.
+//      referenced again (a hit that reads its state sees it dead; a CAS racing the kill fails).
+//   3. A dead region is deregistered exactly once, when no reference holds it. Counted references:
+//      whoever sees it dead with 0 of them queues it for the reclaimer, the killer if it had none,
+//      else the RegionRef that drops the last one (both decide on the value of one atomic
+//      read-modify-write, so exactly one of them does). Hazard references: the reclaimer passes the
+//      memory barrier and reads the hazard slots before it deregisters, and defers a region a slot
+//      still names (looking again when a RegionRef drops a hazard on a dead region, at every Flush,
+//      and at least every 100 ms).
+//   3a. Eviction takes only regions no reference holds: the lock holder marks the region evicting
+//      (a CAS that requires 0 counted references), passes the barrier, reads the slots, and then
+//      either kills it or clears the mark. Hits do not take a region marked evicting.
 //   4. Region objects live in a type-stable pool until the cache is destroyed; recycling starts a
 //      new incarnation (state's high 32 bits), so no CAS can succeed on a stale reading (ABA).
 //   5. pinned_bytes counts what the registrar holds registered for this cache, including regions
@@ -53,6 +65,7 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -64,6 +77,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "regcache/internal/hazard.h"
 #include "regcache/internal/mapped_array.h"
 #include "regcache/internal/region.h"
 #include "regcache/interval_tree.h"
@@ -136,17 +150,21 @@ struct RegionInfo {
 class RegionRef {
  public:
   RegionRef() = default;
-  RegionRef(RegionRef&& other) noexcept : cache_(other.cache_), region_(other.region_) {
+  RegionRef(RegionRef&& other) noexcept
+      : cache_(other.cache_), region_(other.region_), hazard_(other.hazard_) {
     other.cache_ = nullptr;
     other.region_ = nullptr;
+    other.hazard_ = nullptr;
   }
   RegionRef& operator=(RegionRef&& other) noexcept {
     if (this != &other) {
       Reset();
       cache_ = other.cache_;
       region_ = other.region_;
+      hazard_ = other.hazard_;
       other.cache_ = nullptr;
       other.region_ = nullptr;
+      other.hazard_ = nullptr;
     }
     return *this;
   }
@@ -170,10 +188,14 @@ class RegionRef {
 
  private:
   friend class RegistrationCache;
-  RegionRef(RegistrationCache* cache, internal::Region* region) : cache_(cache), region_(region) {}
+  // A counted reference (hazard null), or one held by a hazard slot.
+  RegionRef(RegistrationCache* cache, internal::Region* region,
+            internal::HazardSlot* hazard = nullptr)
+      : cache_(cache), region_(region), hazard_(hazard) {}
 
   RegistrationCache* cache_ = nullptr;
   internal::Region* region_ = nullptr;
+  internal::HazardSlot* hazard_ = nullptr;
 };
 
 class RegistrationCache {
@@ -193,6 +215,9 @@ class RegistrationCache {
     bool verify_pages = false;
     // Publish Stats() in this process's shared-memory segment for sanreg_stat (stats_segment.h).
     bool publish_stats = true;
+    // Hits hold regions by hazard slots, with no locked instruction (see "The hit path"); false:
+    // every reference is counted. Off by itself where membarrier(2) is not available.
+    bool hazard_references = true;
 
     // Applies the SANREG_CACHE_* environment overrides (see cache.cc for the table).
     // Returns kInvalidArgument naming the variable when one does not parse.
@@ -281,11 +306,16 @@ class RegistrationCache {
 
   RegistrationCache(Registrar* registrar, const Options& options);
 
-  absl::StatusOr<RegionRef> VerifiedHit(Region* r);
-  Region* TryAcquireFast(uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint) const;
+  absl::StatusOr<RegionRef> VerifiedHit(Region* r, internal::HazardSlot* hazard);
+  // On a hit, returns the region and sets *hazard to the slot that holds it (null: counted).
+  Region* TryAcquireFast(uintptr_t a, uintptr_t b, uint32_t access, MissHint* hint,
+                         internal::HazardSlot** hazard) const;
   absl::StatusOr<RegionRef> AcquireSlow(uintptr_t a, uintptr_t b, uint32_t access, MissHint hint);
   // Called by RegionRef when it dropped the last reference of a dead region.
   void Retire(Region* r);
+  // Called by RegionRef when it dropped a hazard on a region it saw dead: the reclaimer looks at
+  // the regions it deferred again.
+  void HazardDropped();
 
   // All below: REQUIRES mu_ held.
   // Invalidates the ranges memory events queued. Returns the regions dropped.
@@ -314,6 +344,9 @@ class RegistrationCache {
   // Flush without draining memory events: callable with mu_ held.
   void FlushReclaimer();
   void DeregisterBatch(std::vector<Region*>& batch);
+  // Moves the regions of *batch that a hazard slot names to deferred_ (passes the barrier first).
+  // REQUIRES: reclaim_mu_ not held.
+  void DeferHazarded(std::vector<Region*>* batch);
   // Takes everything queued for deregistration and deregisters it with reclaim_mu_ released.
   // REQUIRES: `lock` holds reclaim_mu_; it holds it again on return.
   void DeregisterQueued(std::unique_lock<std::mutex>& lock, std::vector<Region*>& batch);
@@ -324,6 +357,7 @@ class RegistrationCache {
   const int page_shift_;
   const uintptr_t align_mask_;
   const double ns_per_tick_ = internal::NsPerTick();
+  const bool hazards_;  // options_.hazard_references && internal::HazardsEnabled()
 
   std::atomic<Table*> table_;
   InvalidationQueue events_;  // memory events for this cache (memory_events.h)
@@ -354,7 +388,17 @@ class RegistrationCache {
   std::mutex reclaim_mu_;
   std::condition_variable reclaim_cv_;
   std::vector<Region*> reclaim_;  // dead, unreferenced, awaiting deregistration; reclaim_mu_
-  int reclaim_busy_ = 0;          // batches being deregistered; guarded by reclaim_mu_
+  // Dead, no counted reference, but a hazard slot named them at the reclaimer's last look; moved
+  // back to reclaim_ at the next one. Guarded by reclaim_mu_.
+  std::vector<Region*> deferred_;
+  bool deferred_recheck_ = false;  // a hazard on a dead region was dropped; reclaim_mu_
+  // When the reclaimer looks at deferred_ again, and the wait after that (doubles while regions
+  // stay held, from kRecheck to kMaxRecheck). Guarded by reclaim_mu_.
+  static constexpr std::chrono::microseconds kRecheck{1000};
+  static constexpr std::chrono::microseconds kMaxRecheck{100'000};
+  std::chrono::microseconds recheck_ = kRecheck;
+  std::chrono::steady_clock::time_point recheck_at_;
+  int reclaim_busy_ = 0;  // batches being deregistered; guarded by reclaim_mu_
   enum class ReclaimerState { kAwake, kLingering, kSleeping };
   static constexpr size_t kReclaimBatch = 64;
   ReclaimerState reclaimer_state_ = ReclaimerState::kAwake;  // guarded by reclaim_mu_
@@ -368,9 +412,17 @@ inline void RegionRef::Reset() {
   if (region_ == nullptr) return;
   internal::Region* r = region_;
   region_ = nullptr;
-  r->last_use.store(internal::NowTicks(), std::memory_order_relaxed);
-  uint64_t s = r->state.fetch_sub(1, std::memory_order_acq_rel) - 1;
-  if ((s & internal::kRefMask) == 0 && (s & internal::kDeadBit)) cache_->Retire(r);
+  r->last_use.store(internal::LruNow(), std::memory_order_relaxed);
+  if (hazard_ != nullptr) {
+    // Read while the hazard still holds the region (after it, r may be recycled).
+    const bool dead = (r->state.load(std::memory_order_relaxed) & internal::kDeadBit) != 0;
+    internal::HazardClear(hazard_);
+    hazard_ = nullptr;
+    if (dead) cache_->HazardDropped();
+  } else {
+    uint64_t s = r->state.fetch_sub(1, std::memory_order_acq_rel) - 1;
+    if ((s & internal::kRefMask) == 0 && (s & internal::kDeadBit)) cache_->Retire(r);
+  }
   cache_ = nullptr;
 }
 

@@ -56,6 +56,7 @@ TEST_P(CacheModelTest, MatchesBruteForceModel) {
   o.merge = cfg.merge;
   o.max_regions = cfg.max_regions;
   o.reclaimer_thread = false;  // deterministic: deregistration happens in Flush
+  ASSERT_TRUE(o.ApplyEnvironment().ok());
   auto created = RegistrationCache::Create(&fake, o);
   ASSERT_TRUE(created.ok());
   std::unique_ptr<RegistrationCache> cache = std::move(*created);

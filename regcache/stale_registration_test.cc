@@ -436,8 +436,8 @@ TEST_P(StaleRegistrationTest, UnmapStormWhileOtherThreadsAcquire) {
         char* c = arena + (t * 2 + k) * len;
         const int prot = PROT_READ | PROT_WRITE;
         if (!mapped[k]) {
-          mapped[k] = mmap(c, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1,
-                           0) == c;
+          mapped[k] =
+              mmap(c, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) == c;
         } else if (rng() % 2) {
           if (munmap(c, len) != 0) errors.fetch_add(1);
           void* q = mmap(c, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
@@ -581,11 +581,12 @@ TEST(ForkHazardTest, WithoutDontForkTheParentsWriteMovesItsPage) {
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     char b;
-    (void)read(to_child[0], &b, 1);  // keep the page shared until the parent wrote
+    // Keeps the page shared until the parent wrote.
+    if (read(to_child[0], &b, 1) != 1) _exit(2);
     _exit(p[0] == 'A' ? 0 : 1);
   }
   p[0] = 'P';  // copy-on-write: the parent gets a new page
-  (void)write(to_child[1], "x", 1);
+  ASSERT_EQ(write(to_child[1], "x", 1), 1);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
   EXPECT_EQ(pin.VerifyPages(*reg).code(), absl::StatusCode::kDataLoss);

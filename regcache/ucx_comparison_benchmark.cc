@@ -135,6 +135,8 @@ std::unique_ptr<RegistrationCache> MakeSanreg(Registrar* registrar, bool publish
   RegistrationCache::Options o;
   o.memory_monitor = MemoryMonitorMode::kNone;
   o.publish_stats = publish_stats;
+  // SANREG_CACHE_* overrides, for A/B runs of one binary (SANREG_CACHE_HAZARDS=0).
+  if (!o.ApplyEnvironment().ok()) std::abort();
   auto c = RegistrationCache::Create(registrar, o);
   if (!c.ok()) std::abort();
   return std::move(*c);
@@ -333,9 +335,9 @@ void BM_HitSanreg(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
   state.counters["first_pass_ns"] = p.sanreg_first_pass_ns;
   // Hits that took the cache lock (the lookup table had no slot for them), per million.
-  state.counters["locked_per_M"] = benchmark::Counter(
-      static_cast<double>(p.sanreg->Stats().locked_hits - locked_before) * 1e6 /
-      static_cast<double>(state.iterations()) / state.threads());
+  state.counters["locked_per_M"] =
+      benchmark::Counter(static_cast<double>(p.sanreg->Stats().locked_hits - locked_before) * 1e6 /
+                         static_cast<double>(state.iterations()) / state.threads());
 }
 
 void BM_HitUcx(benchmark::State& state) {

@@ -33,21 +33,63 @@ inline uint64_t NowTicks() {
 // Nanoseconds per NowTicks() tick, measured once per process (a 100 us calibration).
 double NsPerTick();
 
-// state: bits 63..32 incarnation, bit 31 dead, bit 30 invalidated, bits 29..0 references.
-inline constexpr uint64_t kRefMask = (uint64_t{1} << 30) - 1;
+// The LRU clock of releases: NowTicks() order without reading the TSC on every release. Reading
+// it (RDTSC) keeps later loads from starting until earlier ones have finished on this project's
+// machine: a loop of hits at 1,000,000 regions took 42 ns each without it and 117 ns with it
+// (docs/PERFORMANCE.md, item 1). So a release stamps the latest time any thread read (g_lru_clock,
+// advanced by every miss and by each thread's every kLruRefresh-th release), plus one tick past
+// its thread's previous stamp:
+//   - one thread's releases are stamped in the order they happen (each stamp is above the last),
+//     and after every miss it made (a miss advances the clock to its own time);
+//   - between threads, a release is stamped no earlier than the latest refresh it could know of,
+//     so two releases of different threads can come out in the wrong order only within the time
+//     one thread takes for kLruRefresh releases (or when no thread refreshed since: then nothing
+//     else was released meanwhile either, by a thread that releases often).
+inline std::atomic<uint64_t> g_lru_clock{0};
+inline thread_local constinit uint64_t tl_lru_last = 0;
+inline thread_local constinit uint32_t tl_lru_releases = 0;
+inline constexpr uint32_t kLruRefresh = 4096;
+
+// Raises g_lru_clock to t (never lowers it).
+inline void AdvanceLruClock(uint64_t t) {
+  uint64_t cur = g_lru_clock.load(std::memory_order_relaxed);
+  while (cur < t && !g_lru_clock.compare_exchange_weak(cur, t, std::memory_order_relaxed)) {
+  }
+}
+
+// The stamp of a release now.
+inline uint64_t LruNow() {
+  uint64_t t;
+  if (++tl_lru_releases % kLruRefresh == 0) {
+    t = NowTicks();
+    AdvanceLruClock(t);
+  } else {
+    t = g_lru_clock.load(std::memory_order_relaxed);
+  }
+  t = t > tl_lru_last ? t : tl_lru_last + 1;
+  tl_lru_last = t;
+  return t;
+}
+
+// state: bits 63..32 incarnation, bit 31 dead, bit 30 invalidated, bit 29 evicting, bits 28..0
+// counted references (hazard-slot references are not counted here: internal/hazard.h).
+inline constexpr uint64_t kRefMask = (uint64_t{1} << 29) - 1;
+// Set by the evicting lock holder while it looks for hazards naming the region: a hit seeing it
+// does not take the region. Cleared, or turned into kDeadBit, before the lock is released.
+inline constexpr uint64_t kEvictingBit = uint64_t{1} << 29;
 inline constexpr uint64_t kInvalidatedBit = uint64_t{1} << 30;
 inline constexpr uint64_t kDeadBit = uint64_t{1} << 31;
 inline constexpr int kIncarnationShift = 32;
 
 struct alignas(64) Region {
-  // Changed by atomic read-modify-write only. An incarnation is born alive with 1 reference; once
-  // dead it never comes back (a recycled Region starts a new incarnation).
+  // Changed by atomic read-modify-write only, except at birth. An incarnation is born alive with 1
+  // reference; once dead it never comes back (a recycled Region starts a new incarnation).
   std::atomic<uint64_t> state{0};
   // Fixed for an incarnation; stored (relaxed) before the release store that publishes it.
   std::atomic<uintptr_t> start{0};
   std::atomic<uintptr_t> end{0};
   std::atomic<uint32_t> access{0};
-  // Time of the last release (the LRU clock); relaxed.
+  // Time of the last release (LruNow(), in NowTicks() units); relaxed.
   std::atomic<uint64_t> last_use{0};
   // Written before publication; read only by holders of a reference or by the owner of a dead
   // region (the reclaimer).
