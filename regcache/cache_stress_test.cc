@@ -1,7 +1,8 @@
 // Concurrency stress: threads acquire, release and invalidate overlapping ranges at once. Checked
 // on every step: a returned region covers the request with the rights; no Acquire returns a region
 // registered before an Invalidate of an overlapping range that completed before the Acquire began
-// (no stale registration); at the end everything is deregistered exactly once.
+// (no stale registration); no region a thread holds is deregistered while it holds it (whether a
+// hazard slot or a counted reference holds it); at the end everything is deregistered exactly once.
 // Run under --config=tsan too.
 
 #include <gtest/gtest.h>
@@ -29,24 +30,31 @@ constexpr size_t kMaxHandles = 1 << 22;
 // Stamps each registration with a global sequence number taken under the cache lock.
 class StampingRegistrar : public Registrar {
  public:
-  explicit StampingRegistrar(std::atomic<uint64_t>* seq) : seq_(seq), births_(kMaxHandles) {}
+  explicit StampingRegistrar(std::atomic<uint64_t>* seq)
+      : seq_(seq), births_(kMaxHandles), gone_(kMaxHandles) {}
   absl::StatusOr<Registration> Register(uintptr_t a, size_t n, uint32_t access) override {
     auto r = fake_.Register(a, n, access);
     if (r.ok() && r->handle < kMaxHandles) births_[r->handle].store(seq_->fetch_add(1) + 1);
     return r;
   }
-  absl::Status Deregister(const Registration& reg) override { return fake_.Deregister(reg); }
+  absl::Status Deregister(const Registration& reg) override {
+    if (reg.handle < kMaxHandles) gone_[reg.handle].store(true);
+    return fake_.Deregister(reg);
+  }
   uint64_t Birth(uint64_t handle) const { return births_[handle].load(); }
+  bool Gone(uint64_t handle) const { return handle < kMaxHandles && gone_[handle].load(); }
   FakeRegistrar fake_;
 
  private:
   std::atomic<uint64_t>* seq_;
   std::vector<std::atomic<uint64_t>> births_;
+  std::vector<std::atomic<bool>> gone_;
 };
 
 struct StressConfig {
   bool merge;
   size_t max_regions;
+  bool hazards = true;  // Options::hazard_references
 };
 
 class CacheStressTest : public ::testing::TestWithParam<StressConfig> {};
@@ -54,20 +62,21 @@ class CacheStressTest : public ::testing::TestWithParam<StressConfig> {};
 TEST_P(CacheStressTest, ConcurrentAcquireReleaseInvalidateKeepInvariants) {
   const StressConfig cfg = GetParam();
   const uint64_t seed = TestSeed();
-  std::printf("CacheStressTest merge=%d max_regions=%zu seed=%llu\n", cfg.merge, cfg.max_regions,
-              static_cast<unsigned long long>(seed));
+  std::printf("CacheStressTest merge=%d max_regions=%zu hazards=%d seed=%llu\n", cfg.merge,
+              cfg.max_regions, cfg.hazards, static_cast<unsigned long long>(seed));
   std::atomic<uint64_t> seq{0};
   StampingRegistrar reg(&seq);
   RegistrationCache::Options o;
   o.merge = cfg.merge;
   o.max_regions = cfg.max_regions;
+  o.hazard_references = cfg.hazards;
   auto created = RegistrationCache::Create(&reg, o);
   ASSERT_TRUE(created.ok());
   std::unique_ptr<RegistrationCache> cache = std::move(*created);
 
   // invalidated[p]: the start stamp of the latest Invalidate covering page p that has returned.
   std::vector<std::atomic<uint64_t>> invalidated(kPages);
-  std::atomic<uint64_t> failures{0}, stale{0}, uncovering{0}, acquires{0};
+  std::atomic<uint64_t> failures{0}, stale{0}, uncovering{0}, acquires{0}, lost{0};
 
   const int kThreads = 4;
   const int kOps = 40000;
@@ -76,6 +85,11 @@ TEST_P(CacheStressTest, ConcurrentAcquireReleaseInvalidateKeepInvariants) {
     threads.emplace_back([&, t] {
       std::mt19937_64 rng(seed + t);
       std::vector<RegionRef> held;
+      // Drops held[i], having checked that its registration is still there.
+      auto drop = [&](size_t i) {
+        if (reg.Gone(held[i].registration().handle)) lost.fetch_add(1);
+        held.erase(held.begin() + static_cast<std::ptrdiff_t>(i));
+      };
       const uint32_t kAcc[] = {kAccessLocalRead, kAccessLocalRead | kAccessLocalWrite,
                                kAccessLocalRead | kAccessRemoteRead};
       for (int i = 0; i < kOps; ++i) {
@@ -105,9 +119,10 @@ TEST_P(CacheStressTest, ConcurrentAcquireReleaseInvalidateKeepInvariants) {
           }
           if (reg.Birth(r->registration().handle) < before) stale.fetch_add(1);
           held.push_back(std::move(*r));
-          if (held.size() > 4) held.erase(held.begin() + rng() % held.size());
+          // Up to 8 held: more than a thread's hazard slots, so counted references mix in.
+          if (held.size() > 8) drop(rng() % held.size());
         } else if (op < 15) {
-          if (!held.empty()) held.erase(held.begin() + rng() % held.size());
+          if (!held.empty()) drop(rng() % held.size());
         } else {
           int p = rng() % kPages;
           int n = 1 + rng() % 4;
@@ -122,12 +137,14 @@ TEST_P(CacheStressTest, ConcurrentAcquireReleaseInvalidateKeepInvariants) {
           }
         }
       }
+      while (!held.empty()) drop(held.size() - 1);
     });
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(failures.load(), 0u);
   EXPECT_EQ(uncovering.load(), 0u);
   EXPECT_EQ(stale.load(), 0u) << "an Acquire returned a region invalidated before it began";
+  EXPECT_EQ(lost.load(), 0u) << "a held region was deregistered";
   EXPECT_GT(acquires.load(), 0u);
   CacheStats s = cache->Stats();
   EXPECT_GT(s.hits, 0u);
@@ -147,10 +164,12 @@ TEST_P(CacheStressTest, ConcurrentAcquireReleaseInvalidateKeepInvariants) {
 
 INSTANTIATE_TEST_SUITE_P(Configs, CacheStressTest,
                          ::testing::Values(StressConfig{false, 0}, StressConfig{true, 0},
-                                           StressConfig{true, 16}),
+                                           StressConfig{true, 16}, StressConfig{false, 16},
+                                           StressConfig{true, 16, false}),
                          [](const testing::TestParamInfo<StressConfig>& info) {
                            return std::string(info.param.merge ? "Merge" : "NoMerge") +
-                                  (info.param.max_regions ? "Limit" : "NoLimit");
+                                  (info.param.max_regions ? "Limit" : "NoLimit") +
+                                  (info.param.hazards ? "" : "Counted");
                          });
 
 }  // namespace

@@ -574,10 +574,12 @@ TEST_F(RegistrationCacheTest, RegionRefMoveTransfersTheReference) {
 TEST_F(RegistrationCacheTest, EnvironmentOverridesOptions) {
   setenv("SANREG_CACHE_MAX_REGIONS", "7", 1);
   setenv("SANREG_CACHE_EVICTION", "cost", 1);
+  setenv("SANREG_CACHE_HAZARDS", "0", 1);
   RegistrationCache::Options o;
   ASSERT_TRUE(o.ApplyEnvironment().ok());
   EXPECT_EQ(o.max_regions, 7u);
   EXPECT_EQ(o.eviction, EvictionPolicy::kCostAware);
+  EXPECT_FALSE(o.hazard_references);
   setenv("SANREG_CACHE_MERGE", "maybe", 1);
   absl::Status st = o.ApplyEnvironment();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
@@ -585,6 +587,167 @@ TEST_F(RegistrationCacheTest, EnvironmentOverridesOptions) {
   unsetenv("SANREG_CACHE_MAX_REGIONS");
   unsetenv("SANREG_CACHE_EVICTION");
   unsetenv("SANREG_CACHE_MERGE");
+  unsetenv("SANREG_CACHE_HAZARDS");
+}
+
+// ---- hazard references (cache.h, "The hit path"; internal/hazard.h) ----
+
+// Non-null hazard slots of every thread.
+size_t HazardsInUse() {
+  std::vector<const void*> named;
+  internal::HazardCollect(&named);
+  return named.size();
+}
+
+TEST_F(RegistrationCacheTest, HitsHoldRegionsInHazardSlots) {
+  if (!internal::HazardsEnabled()) GTEST_SKIP() << "no membarrier here: every reference counts";
+  { RegionRef r = Get(kBase, kPage); }  // the miss: a counted reference
+  const size_t before = HazardsInUse();
+  RegionRef hit = Get(kBase, kPage);
+  EXPECT_EQ(HazardsInUse(), before + 1);
+  std::vector<RegionInfo> out;
+  ASSERT_EQ(cache_->Regions(10, &out), 1u);
+  EXPECT_EQ(out[0].references, 1u);
+  EXPECT_EQ(out[0].state, RegionInfo::State::kActive);
+  hit.Reset();
+  EXPECT_EQ(HazardsInUse(), before);
+  ASSERT_EQ(cache_->Regions(10, &out), 1u);
+  EXPECT_EQ(out[0].references, 0u);
+  EXPECT_EQ(out[0].state, RegionInfo::State::kIdle);
+
+  // Off: the same hit is counted.
+  RegistrationCache::Options o;
+  o.hazard_references = false;
+  Make(o);
+  { RegionRef r = Get(kBase, kPage); }
+  RegionRef counted = Get(kBase, kPage);
+  EXPECT_EQ(HazardsInUse(), before);
+  ASSERT_EQ(cache_->Regions(10, &out), 1u);
+  EXPECT_EQ(out[0].references, 1u);
+}
+
+TEST_F(RegistrationCacheTest, RegionsHeldByHitsAreNeverEvicted) {
+  RegistrationCache::Options o;
+  o.max_regions = 2;
+  Make(o);
+  { RegionRef r = Get(kBase, kPage); }
+  { RegionRef r = Get(kBase + 2 * kPage, kPage); }
+  RegionRef a = Get(kBase, kPage);  // hits: hazard slots where hazards are on
+  RegionRef b = Get(kBase + 2 * kPage, kPage);
+  EXPECT_EQ(cache_->Stats().hits, 2u);
+  auto c = cache_->Acquire(kBase + 4 * kPage, kPage, kRead);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted) << c.status();
+  EXPECT_EQ(cache_->Stats().evictions, 0u);
+  b.Reset();
+  auto d = cache_->Acquire(kBase + 4 * kPage, kPage, kRead);
+  ASSERT_TRUE(d.ok()) << d.status();
+  cache_->Flush();
+  EXPECT_TRUE(fake_.IsRegistered(kBase, kPage)) << "the region a hit holds stays";
+  EXPECT_FALSE(fake_.IsRegistered(kBase + 2 * kPage, kPage));
+  // The held region is still found, and still evictable once dropped.
+  EXPECT_EQ(Get(kBase, kPage).registration().handle, a.registration().handle);
+}
+
+TEST_F(RegistrationCacheTest, RegionHeldByAHitSurvivesInvalidateUntilReleased) {
+  { RegionRef r = Get(kBase, kPage); }
+  RegionRef hit = Get(kBase, kPage);
+  const uint64_t handle = hit.registration().handle;
+  ASSERT_EQ(*cache_->Invalidate(kBase, kPage), 1u);
+  cache_->Flush();
+  EXPECT_TRUE(fake_.IsRegistered(kBase, kPage)) << "held: not deregistered";
+  EXPECT_EQ(fake_.deregistrations(), 0u);
+  {
+    RegionRef again = Get(kBase, kPage);  // invalidated: a miss, a new registration
+    EXPECT_NE(again.registration().handle, handle);
+  }
+  EXPECT_EQ(fake_.live_registrations(), 2u);
+  hit.Reset();
+  // The reclaimer deregisters it by itself (wait on the condition, bounded).
+  for (int i = 0; i < 10000000 && fake_.live_registrations() != 1; ++i) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(fake_.live_registrations(), 1u);
+  EXPECT_EQ(fake_.bad_deregistrations(), 0u);
+}
+
+TEST_F(RegistrationCacheTest, FlushDeregistersARegionOnceItsHitIsDropped) {
+  RegistrationCache::Options o;
+  o.reclaimer_thread = false;
+  Make(o);
+  { RegionRef r = Get(kBase, kPage); }
+  RegionRef hit = Get(kBase, kPage);
+  ASSERT_EQ(*cache_->Invalidate(kBase, kPage), 1u);
+  cache_->Flush();
+  EXPECT_EQ(fake_.live_registrations(), 1u);
+  hit.Reset();
+  cache_->Flush();
+  EXPECT_EQ(fake_.live_registrations(), 0u);
+  EXPECT_EQ(cache_->Stats().deregistrations, 1u);
+}
+
+TEST_F(RegistrationCacheTest, MoreHeldHitsThanHazardSlotsAreCounted) {
+  constexpr int kRegions = 3 * internal::HazardRecord::kSlots;
+  RegistrationCache::Options o;
+  o.max_regions = kRegions;
+  Make(o);
+  for (int i = 0; i < kRegions; ++i) RegionRef r = Get(kBase + 2 * i * kPage, kPage);
+  std::vector<RegionRef> held;
+  for (int i = 0; i < kRegions; ++i) held.push_back(Get(kBase + 2 * i * kPage, kPage));
+  EXPECT_EQ(cache_->Stats().hits, static_cast<uint64_t>(kRegions));
+  std::vector<RegionInfo> out;
+  ASSERT_EQ(cache_->Regions(100, &out), static_cast<size_t>(kRegions));
+  for (const RegionInfo& info : out) EXPECT_EQ(info.references, 1u);
+  auto full = cache_->Acquire(kBase + 2 * kRegions * kPage, kPage, kRead);
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  // Dropped in any order, each becomes evictable: the last one held goes first here.
+  held.pop_back();
+  auto room = cache_->Acquire(kBase + 2 * kRegions * kPage, kPage, kRead);
+  ASSERT_TRUE(room.ok()) << room.status();
+  cache_->Flush();
+  EXPECT_FALSE(fake_.IsRegistered(kBase + 2 * (kRegions - 1) * kPage, kPage));
+  held.clear();
+  room->Reset();
+  cache_.reset();
+  EXPECT_EQ(fake_.live_registrations(), 0u);
+  EXPECT_EQ(fake_.bad_deregistrations(), 0u);
+}
+
+TEST_F(RegistrationCacheTest, AHitDroppedOnAnotherThreadFreesTheRegion) {
+  RegistrationCache::Options o;
+  o.max_regions = 1;
+  Make(o);
+  { RegionRef r = Get(kBase, kPage); }
+  const size_t before = HazardsInUse();
+  RegionRef hit = Get(kBase, kPage);
+  std::thread([ref = std::move(hit)]() mutable { ref.Reset(); }).join();
+  EXPECT_EQ(HazardsInUse(), before);
+  auto next = cache_->Acquire(kBase + 2 * kPage, kPage, kRead);  // evicts the dropped one
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(cache_->Stats().evictions, 1u);
+}
+
+TEST_F(RegistrationCacheTest, AHitOutlivesTheThreadThatTookIt) {
+  RegistrationCache::Options o;
+  o.max_regions = 1;
+  Make(o);
+  { RegionRef r = Get(kBase, kPage); }
+  RegionRef hit;
+  std::thread([&] { hit = Get(kBase, kPage); }).join();
+  ASSERT_TRUE(hit);
+  auto full = cache_->Acquire(kBase + 2 * kPage, kPage, kRead);
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  hit.Reset();
+  auto next = cache_->Acquire(kBase + 2 * kPage, kPage, kRead);
+  ASSERT_TRUE(next.ok()) << next.status();
+  next->Reset();
+  // Threads that come later take over the exited thread's record and hit as before.
+  for (int t = 0; t < 3; ++t) {
+    std::thread([&] {
+      RegionRef r = Get(kBase + 2 * kPage, kPage);
+      EXPECT_TRUE(r);
+    }).join();
+  }
+  EXPECT_EQ(cache_->Stats().hits, 4u);
 }
 
 }  // namespace
