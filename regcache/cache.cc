@@ -24,7 +24,6 @@ namespace sanreg {
 
 using internal::HazardSlot;
 using internal::kDeadBit;
-using internal::kEvictingBit;
 using internal::kIncarnationShift;
 using internal::kInvalidatedBit;
 using internal::kRefMask;
@@ -283,7 +282,7 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache
     HazardSlot* h = hazards_ ? internal::FreeHazardSlot() : nullptr;
     if (h != nullptr) internal::HazardSet(h, r);
     uint64_t s = r->state.load(std::memory_order_acquire);
-    if ((s & (kDeadBit | kEvictingBit)) != 0 || r->start.load(std::memory_order_relaxed) > a ||
+    if ((s & kDeadBit) != 0 || r->start.load(std::memory_order_relaxed) > a ||
         r->end.load(std::memory_order_relaxed) < b ||
         !AccessCovers(r->access.load(std::memory_order_relaxed), access)) {
       if (h != nullptr) internal::HazardClear(h);
@@ -291,15 +290,14 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache
       continue;
     }
     if (h != nullptr) {
-      // Alive after the hazard was published: no one deregisters or evicts it while the slot
-      // names it, and its range and rights, read above, are those of this incarnation.
+      // Alive after the hazard was published: it is not deregistered, so not recycled, while the
+      // slot names it, and its range and rights, read above, are those of this incarnation.
       *hazard = h;
       return r;
     }
     const uint32_t inc = Incarnation(s);
     // The CAS validates the reads above: it succeeds only if state did not change since.
-    while ((s & (kDeadBit | kEvictingBit)) == 0 && (s & kRefMask) != kRefMask &&
-           Incarnation(s) == inc) {
+    while ((s & kDeadBit) == 0 && (s & kRefMask) != kRefMask && Incarnation(s) == inc) {
       if (r->state.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
                                          std::memory_order_acquire)) {
         *hazard = nullptr;
@@ -541,18 +539,11 @@ bool RegistrationCache::EvictOne() {
       std::push_heap(heap_.begin(), heap_.end(), later);
       continue;
     }
-    // With hazards, marked evicting first (invariant 3a): a hit that took it by a hazard slot
-    // before the mark is seen in the slots after the barrier; a hit after the mark refuses it.
-    const uint64_t mark = hazards_ ? kEvictingBit : kDeadBit;
-    bool in_use = (s & kRefMask) != 0 ||
-                  !r->state.compare_exchange_strong(s, s | mark, std::memory_order_acq_rel);
-    if (!in_use && hazards_) {
-      internal::HazardBarrier();
-      in_use = internal::HazardNamed(r);
-      // Nothing else changes state meanwhile: hits refuse it, only the lock holder kills.
-      r->state.fetch_xor(in_use ? kEvictingBit : kEvictingBit | kDeadBit,
-                         std::memory_order_acq_rel);
-    }
+    // Held by a counted reference, or by a hazard slot that is visible now (invariant 3a), or
+    // taken by a hit since state was read: not evictable.
+    const bool in_use =
+        (s & kRefMask) != 0 || (hazards_ && internal::HazardNamed(r)) ||
+        !r->state.compare_exchange_strong(s, s | kDeadBit, std::memory_order_acq_rel);
     if (in_use) {
       // Not evictable now; it counts as used now.
       aside.push_back({std::max(e.key, Priority(r, now)), r, e.incarnation});

@@ -15,12 +15,11 @@
 //   address to the region last found for it. Acquire hashes the page, and for each slot whose key
 //   matches: prefetches the region's first line for writing; publishes the region in a free hazard
 //   slot of its thread (internal/hazard.h: a plain store); loads region->state (acquire); skips
-//   it if dead or being evicted; checks the region's [start, end) covers the request and its rights
-//   cover the asked ones. The region is then held by the hazard: whoever kills, evicts or
-//   deregisters a region writes its state first, then passes a process-wide memory barrier
-//   (membarrier), then reads the hazard slots, so either the hit saw the new state or the killer
-//   sees the hazard. The RegionRef names the slot; dropping it is a store of null (and of the LRU
-//   time into the region's line).
+//   it if dead; checks the region's [start, end) covers the request and its rights cover the
+//   asked ones. The region is then held by the hazard: the reclaimer, before it deregisters dead
+//   regions, passes a process-wide memory barrier (membarrier) and reads the hazard slots, so
+//   either a hit saw the region dead or the reclaimer sees its hazard. The RegionRef names the
+//   slot; dropping it is a store of null (and of the LRU stamp into the region's line).
 //   When the thread has no free hazard slot (it holds 6 references already) or hazards are off
 //   (Options::hazard_references, or no membarrier), the hit takes a counted reference instead: a
 //   CAS on state that succeeds only if state is unchanged, which validates everything read before
@@ -42,9 +41,12 @@
 //      memory barrier and reads the hazard slots before it deregisters, and defers a region a slot
 //      still names (looking again when a RegionRef drops a hazard on a dead region, at every Flush,
 //      and at least every 100 ms).
-//   3a. Eviction takes only regions no reference holds: the lock holder marks the region evicting
-//      (a CAS that requires 0 counted references), passes the barrier, reads the slots, and then
-//      either kills it or clears the mark. Hits do not take a region marked evicting.
+//   3a. Eviction takes only regions no reference holds: none counted, none in a hazard slot the
+//      lock holder can see, and it kills the region with a CAS that fails if a counted reference
+//      came meanwhile. It passes no barrier (one costs microseconds, every eviction would pay it),
+//      so a hit racing the eviction of the very region it hits can still take it, as a hit racing
+//      an Invalidate can: the region is then out of the index, and deregistered when that hit
+//      drops it (invariant 3), and the cache holds one region more than its limits meanwhile.
 //   4. Region objects live in a type-stable pool until the cache is destroyed; recycling starts a
 //      new incarnation (state's high 32 bits), so no CAS can succeed on a stale reading (ABA).
 //   5. pinned_bytes counts what the registrar holds registered for this cache, including regions
@@ -400,7 +402,7 @@ class RegistrationCache {
   std::chrono::steady_clock::time_point recheck_at_;
   int reclaim_busy_ = 0;  // batches being deregistered; guarded by reclaim_mu_
   enum class ReclaimerState { kAwake, kLingering, kSleeping };
-  static constexpr size_t kReclaimBatch = 64;
+  static constexpr size_t kReclaimBatch = 1024;
   ReclaimerState reclaimer_state_ = ReclaimerState::kAwake;  // guarded by reclaim_mu_
   int flush_waiters_ = 0;                                    // guarded by reclaim_mu_
   bool stop_ = false;                                        // guarded by reclaim_mu_

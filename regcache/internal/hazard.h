@@ -11,15 +11,17 @@
 //   - A hit stores the region's address in a free slot of its thread's record (a plain store),
 //     then, with only a compiler barrier between, loads the region's state, and takes the region
 //     if it is alive.
-//   - Whoever ends a region's life (the cache's lock holder marking it dead or evicting; the
-//     reclaimer before it deregisters) first stores that in the state, then calls HazardBarrier(),
-//     then reads every slot (HazardCollect / HazardNamed).
+//   - The reclaimer, before it deregisters regions that were marked dead (state) before it took
+//     them, calls HazardBarrier(), then reads every slot (HazardCollect), and defers the regions
+//     a slot names.
 //   - HazardBarrier is membarrier(2) (MEMBARRIER_CMD_PRIVATE_EXPEDITED): every thread of the
-//     process passes a full memory barrier before it returns. So for a hit racing the killer,
-//     either the hit's slot store was made before its thread's barrier, and the killer's reads see
-//     it, or its state load came after that barrier, and sees the new state. At least one of them
-//     sees the other: a region a hit holds is never deregistered, an evicted region is never
-//     held.
+//     process passes a full memory barrier before it returns. So for a hit racing the region's
+//     death, either the hit's slot store was made before its thread's barrier, and the
+//     reclaimer's reads see it, or its state load came after that barrier, and sees the region
+//     dead. At least one of them
+//     sees the other: a region a hit holds is never deregistered.
+// Eviction reads the slots without the barrier (cache.h, invariant 3a): it skips the regions held
+// for longer than a store takes to become visible, and a hit racing it keeps what it took.
 // Dropping a hazard is a plain store of null. A region dropped while dead is found unnamed by the
 // reclaimer's next look (RegistrationCache re-examines the regions it had to defer).
 //

@@ -71,12 +71,9 @@ inline uint64_t LruNow() {
   return t;
 }
 
-// state: bits 63..32 incarnation, bit 31 dead, bit 30 invalidated, bit 29 evicting, bits 28..0
-// counted references (hazard-slot references are not counted here: internal/hazard.h).
-inline constexpr uint64_t kRefMask = (uint64_t{1} << 29) - 1;
-// Set by the evicting lock holder while it looks for hazards naming the region: a hit seeing it
-// does not take the region. Cleared, or turned into kDeadBit, before the lock is released.
-inline constexpr uint64_t kEvictingBit = uint64_t{1} << 29;
+// state: bits 63..32 incarnation, bit 31 dead, bit 30 invalidated, bits 29..0 counted references
+// (references held by hazard slots are not counted here: internal/hazard.h).
+inline constexpr uint64_t kRefMask = (uint64_t{1} << 30) - 1;
 inline constexpr uint64_t kInvalidatedBit = uint64_t{1} << 30;
 inline constexpr uint64_t kDeadBit = uint64_t{1} << 31;
 inline constexpr int kIncarnationShift = 32;
