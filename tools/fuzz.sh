@@ -38,8 +38,9 @@ done
 declare -A sources=(
   [remote_region]="datapath/remote_region.cc"
   [interval_tree]=""
-  [cache]="regcache/cache.cc regcache/stats_segment.cc regcache/memory_monitor.cc
-           regcache/uffd_monitor.cc regcache/memory_events.cc regcache/fake_registrar.cc"
+  [cache]="regcache/cache.cc regcache/internal/hazard.cc regcache/stats_segment.cc
+           regcache/memory_monitor.cc regcache/uffd_monitor.cc regcache/memory_events.cc
+           regcache/fake_registrar.cc"
 )
 # The SPI fuzzer links the whole library but the memory hooks (the cache watches memory with
 # userfaultfd instead: interposing mmap and munmap under libFuzzer and ASan is not worth the risk).
@@ -49,8 +50,8 @@ sources[spi]="spi/spi.cc spi/internal/errors.cc
   datapath/libfabric/liveness.cc
   datapath/verbs/data_path.cc datapath/verbs/setup.cc datapath/verbs/verbs_api.cc
   datapath/verbs/verbs_registrar.cc
-  regcache/cache.cc regcache/stats_segment.cc regcache/memory_monitor.cc regcache/uffd_monitor.cc
-  regcache/memory_events.cc regcache/pin_registrar.cc"
+  regcache/cache.cc regcache/internal/hazard.cc regcache/stats_segment.cc regcache/memory_monitor.cc
+  regcache/uffd_monitor.cc regcache/memory_events.cc regcache/pin_registrar.cc"
 all=(remote_region interval_tree cache spi)
 # Libraries each fuzzer links besides Abseil and pthread.
 declare -A libs=([spi]="-lfabric -libverbs -lrdmacm")
