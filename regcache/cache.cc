@@ -270,12 +270,12 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline RegistrationCache::Region* RegistrationCache
     if (slot.key.load(std::memory_order_relaxed) != page) continue;
     Region* r = slot.region.load(std::memory_order_acquire);
     if (r == nullptr) continue;
-      // The hit writes this line (the LRU time on release, and the CAS of a counted reference):
-      // fetch it for writing now, in one coherence transaction, rather than shared by the load and
-      // then again for ownership by the write. It matters when another core holds a copy, as a
-      // neighbouring region's user's prefetcher may (docs/PERFORMANCE.md, target 2). A no-op where
-      // the CPU lacks PREFETCHW.
 #if defined(__x86_64__)
+    // The hit writes this line (the LRU stamp on release, and the CAS of a counted reference):
+    // fetch it for writing now, in one coherence transaction, rather than shared by the load and
+    // then again for ownership by the write. It matters when another core holds a copy, as a
+    // neighbouring region's user's prefetcher may (docs/PERFORMANCE.md, target 2). A no-op where
+    // the CPU lacks PREFETCHW.
     asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(r)));
 #endif
     // Held by a hazard slot when one is free (internal/hazard.h): published before state is read.
