@@ -33,9 +33,9 @@
 //      needs one, with whatever slots are still set (their RegionRefs may live on elsewhere).
 //   2. Only the owning thread turns a null slot non-null; only the holder of the reference a slot
 //      names turns it null.
-//   3. When membarrier(2) is not available (an old kernel, a seccomp filter, valgrind), hazards are
-//      off: ThisThreadHazards() returns a record with no free slot, so every hit takes a counted
-//      reference instead.
+//   3. When membarrier(2) is not available (an old kernel, a seccomp filter that forbids it),
+//      hazards are off: ThisThreadHazards() returns a record with no free slot, so every hit takes
+//      a counted reference instead.
 
 #ifndef SANREG_REGCACHE_INTERNAL_HAZARD_H_
 #define SANREG_REGCACHE_INTERNAL_HAZARD_H_
