@@ -41,6 +41,14 @@ class RegistrationCacheTest : public ::testing::Test {
     return r.ok() ? std::move(*r) : RegionRef();
   }
 
+  // Waits (bounded) until the fake holds `n` registrations: the reclaimer's work, on its thread.
+  void WaitForLiveRegistrations(size_t n) {
+    for (int i = 0; i < 10000000 && fake_.live_registrations() != n; ++i) {
+      std::this_thread::yield();
+    }
+    EXPECT_EQ(fake_.live_registrations(), n);
+  }
+
   FakeRegistrar fake_;
   std::unique_ptr<RegistrationCache> cache_;
 };
@@ -457,11 +465,7 @@ TEST_F(RegistrationCacheTest, DestructionDeregistersEverything) {
 TEST_F(RegistrationCacheTest, ReclaimerDeregistersWithoutFlush) {
   { RegionRef r = Get(kBase, kPage); }
   ASSERT_EQ(*cache_->Invalidate(kBase, kPage), 1u);
-  // Wait on the condition (the reclaimer's work), bounded.
-  for (int i = 0; i < 10000000 && fake_.live_registrations() != 0; ++i) {
-    std::this_thread::yield();
-  }
-  EXPECT_EQ(fake_.live_registrations(), 0u);
+  WaitForLiveRegistrations(0);
 }
 
 TEST_F(RegistrationCacheTest, WithoutReclaimerThreadFlushDeregisters) {
@@ -662,11 +666,7 @@ TEST_F(RegistrationCacheTest, RegionHeldByAHitSurvivesInvalidateUntilReleased) {
   }
   EXPECT_EQ(fake_.live_registrations(), 2u);
   hit.Reset();
-  // The reclaimer deregisters it by itself (wait on the condition, bounded).
-  for (int i = 0; i < 10000000 && fake_.live_registrations() != 1; ++i) {
-    std::this_thread::yield();
-  }
-  EXPECT_EQ(fake_.live_registrations(), 1u);
+  WaitForLiveRegistrations(1);  // the reclaimer deregisters it by itself
   EXPECT_EQ(fake_.bad_deregistrations(), 0u);
 }
 
