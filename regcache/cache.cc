@@ -675,11 +675,14 @@ RegistrationCache::Region* RegistrationCache::AllocRegion() {
   if (local_free_ == nullptr) {
     std::lock_guard<std::mutex> lock(pool_mu_);
     if (free_ == nullptr) {
-      size_t n = PoolChunkSize(pool_.size());
+      const size_t n = PoolChunkSize(pool_.size());
+      const int bits = std::countr_zero(n);
       pool_.push_back(internal::NewMappedArray<Region>(n));
-      for (size_t i = 0; i < n; ++i) {
-        pool_.back()[i].next_free = free_;
-        free_ = &pool_.back()[i];
+      // The j-th region taken from a new chunk is its ScatterIndex(j)-th (internal/region.h).
+      for (size_t j = n; j-- > 0;) {
+        Region* r = &pool_.back()[internal::ScatterIndex(j, bits)];
+        r->next_free = free_;
+        free_ = r;
       }
     }
     local_free_ = std::exchange(free_, nullptr);

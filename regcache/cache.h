@@ -336,7 +336,7 @@ class RegistrationCache {
   void MaybeCompactHeap();
   void MaybeGrowTable();
   Region* AllocRegion();
-  // Regions in pool_[i].
+  // Regions in pool_[i]: a power of two.
   static size_t PoolChunkSize(size_t i);
 
   // Queues dead, unreferenced regions for deregistration; wakes the reclaimer if it sleeps.

@@ -594,6 +594,31 @@ TEST_F(RegistrationCacheTest, EnvironmentOverridesOptions) {
   unsetenv("SANREG_CACHE_HAZARDS");
 }
 
+TEST(ScatterIndexTest, IsABijectionThatMixesNeighbours) {
+  for (int bits = 6; bits <= 16; ++bits) {
+    SCOPED_TRACE(bits);
+    const size_t n = size_t{1} << bits;
+    std::vector<bool> seen(n, false);
+    size_t same_parity = 0;  // consecutive j landing on slots of the same parity
+    size_t adjacent = 0;     // consecutive j landing on neighbouring slots
+    for (size_t j = 0; j < n; ++j) {
+      const size_t x = internal::ScatterIndex(j, bits);
+      ASSERT_LT(x, n);
+      ASSERT_FALSE(seen[x]) << "slot " << x << " handed out twice";
+      seen[x] = true;
+      if (j > 0) {
+        const size_t prev = internal::ScatterIndex(j - 1, bits);
+        same_parity += (x & 1) == (prev & 1);
+        adjacent += x + 1 == prev || prev + 1 == x;
+      }
+    }
+    // Sequential order would give 0 and n - 1; a scatter about half and next to none.
+    EXPECT_GT(same_parity, n / 4);
+    EXPECT_LT(same_parity, 3 * n / 4);
+    EXPECT_LT(adjacent, n / 8);
+  }
+}
+
 // ---- hazard references (cache.h, "The hit path"; internal/hazard.h) ----
 
 // Non-null hazard slots of every thread.

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__x86_64__)
@@ -69,6 +70,24 @@ inline uint64_t LruNow() {
   t = t > tl_lru_last ? t : tl_lru_last + 1;
   tl_lru_last = t;
   return t;
+}
+
+// A bijection of [0, 2^bits) that scatters consecutive j: a new pool chunk hands out its regions
+// in this order rather than by address. Why: a hit's hot line is the first of its region's two,
+// and regions made one after another and then used in a pattern (every other one by each of two
+// threads, in the comparison benchmark) would otherwise put one thread's hot lines every 256
+// bytes, on a quarter of a set-associative cache's sets instead of half: at 10,000 regions one
+// thread's 5,000 every-other regions took 13 ns a hit against 9.5 for 5,000 contiguous ones.
+// Two rounds of multiply (by an odd constant: a bijection modulo 2^bits) and xor-shift (a
+// bijection on bits-bit values), so that every bit of j reaches the low bits of the result.
+inline size_t ScatterIndex(size_t j, int bits) {
+  const size_t mask = (size_t{1} << bits) - 1;
+  const int shift = (bits + 1) / 2;
+  j = (j * 0x9E3779B97F4A7C15ull) & mask;
+  j ^= j >> shift;
+  j = (j * 0xBF58476D1CE4E5B9ull) & mask;
+  j ^= j >> shift;
+  return j;
 }
 
 // state: bits 63..32 incarnation, bit 31 dead, bit 30 invalidated, bits 29..0 counted references
