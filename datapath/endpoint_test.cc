@@ -64,7 +64,8 @@ class EndpointTest : public ::testing::TestWithParam<const char*> {
       o.verbs_api = internal::FakeDevice::Api();
     }
 #ifdef SANREG_VERBS_DEVICE_TEST
-    // verbs_device_test: the first real device with an active port (rdmacm resolves loopback to it).
+    // verbs_device_test: the first real device with an active port (rdmacm resolves loopback to
+    // it).
     o.provider = "verbs";
     o.verbs_api = nullptr;
 #endif
@@ -123,8 +124,8 @@ TEST_P(EndpointTest, WriteAndReadEverySizeFromOneByteTo16MiB) {
   auto dst = Local(kMax);
   auto tgt = Target(kMax);
   RemoteRegion region = Expose(*tgt);
-  for (size_t n : {size_t{1}, size_t{7}, size_t{64}, size_t{4096}, size_t{65537},
-                   size_t{1} << 20, kMax}) {
+  for (size_t n :
+       {size_t{1}, size_t{7}, size_t{64}, size_t{4096}, size_t{65537}, size_t{1} << 20, kMax}) {
     SCOPED_TRACE(n);
     src->Fill(static_cast<uint32_t>(n));
     std::memset(tgt->data(), 0, kMax);
@@ -254,8 +255,7 @@ TEST_P(EndpointTest, InitiatorRefusesBadDescriptorsAndBuffersBeforeSending) {
   // Rights.
   RemoteRegion ro = Expose(*tgt, kAccessRemoteRead);
   RemoteRegion wo = Expose(*tgt, kAccessRemoteWrite);
-  EXPECT_EQ(code(pair_->initiator->Write({&s, 1}, ro, 0, &c)),
-            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(code(pair_->initiator->Write({&s, 1}, ro, 0, &c)), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(code(pair_->initiator->Read({&s, 1}, wo, 0, &c)), absl::StatusCode::kPermissionDenied);
   // A descriptor from another connection.
   RemoteRegion other = rw;
@@ -405,8 +405,6 @@ TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
   }
 }
 
-// "auto" between two fabrics of this process: the pair connects over loopback, so it runs shm with
-// the registrations made in both of each fabric's domains.
 // The ids of this process's threads named `name` (/proc/self/task/*/comm).
 std::set<pid_t> ThreadsNamed(const std::string& name) {
   std::set<pid_t> out;
@@ -477,6 +475,8 @@ TEST_P(EndpointTest, ProgressThreadsRunOnTheChosenCpu) {
   }
 }
 
+// "auto" between two fabrics of this process: the pair connects over loopback, so it runs shm with
+// the registrations made in both of each fabric's domains.
 #ifndef SANREG_VERBS_DEVICE_TEST
 INSTANTIATE_TEST_SUITE_P(Providers, EndpointTest,
                          ::testing::Values("tcp", "shm", "auto", "verbs-fake"),

@@ -93,21 +93,30 @@ void HazardBarrier() {
   std::abort();
 }
 
-void HazardCollect(std::vector<const void*>* out) {
-  for (HazardRecord* r = g_records.load(std::memory_order_acquire); r != nullptr; r = r->next) {
-    for (const HazardSlot& s : r->slots) {
-      if (const void* p = s.load(std::memory_order_acquire)) out->push_back(p);
-    }
-  }
-}
+namespace {
 
-bool HazardNamed(const void* p) {
+// Calls f(value) for every non-null slot of every record, until f returns true.
+template <typename F>
+bool AnySlot(F f) {
   for (HazardRecord* r = g_records.load(std::memory_order_acquire); r != nullptr; r = r->next) {
     for (const HazardSlot& s : r->slots) {
-      if (s.load(std::memory_order_acquire) == p) return true;
+      if (const void* p = s.load(std::memory_order_acquire); p != nullptr && f(p)) return true;
     }
   }
   return false;
+}
+
+}  // namespace
+
+void HazardCollect(std::vector<const void*>* out) {
+  AnySlot([out](const void* p) {
+    out->push_back(p);
+    return false;
+  });
+}
+
+bool HazardNamed(const void* p) {
+  return AnySlot([p](const void* q) { return q == p; });
 }
 
 }  // namespace sanreg::internal
