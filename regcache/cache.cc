@@ -47,6 +47,16 @@ double internal::NsPerTick() {
 namespace {
 
 constexpr int kMaxTableBits = 20;  // 2^20 buckets of 4 slots: 64 MiB, 4 million slots
+// The table doubles whenever it has fewer than this many buckets per live region. Why two, not
+// one: a bucket is one cache line, and a line that holds keys of two threads slows both threads'
+// hits (measured, not understood further: the lines are only read on a hit). At 10,000 regions,
+// each of two threads hitting every other one, one bucket per region put keys of both threads in
+// 30% of each thread's bucket lines (the Fibonacci hash of evenly spaced buffers; 26% for keys
+// placed at random), and two threads took 8.1-8.4 ns per hit; with two buckets per region, no line
+// shared and 5.2-5.7 ns; with half a bucket per region, 60% shared and 10.5-10.9 ns. One thread
+// took 14-16 ns in all three (docs/PERFORMANCE.md, target 2). The cost: the table is 128-256 bytes
+// per live region instead of 64-128, until the cap.
+constexpr size_t kBucketsPerRegion = 2;
 
 uint32_t Incarnation(uint64_t state) { return static_cast<uint32_t>(state >> kIncarnationShift); }
 
@@ -638,7 +648,10 @@ void RegistrationCache::FillSlot(uintptr_t page, Region* r) {
 
 void RegistrationCache::MaybeGrowTable() {
   Table* t = table_.load(std::memory_order_relaxed);
-  if (live_regions_ <= (size_t{1} << t->bits) || t->bits >= kMaxTableBits) return;
+  if (kBucketsPerRegion * live_regions_ <= (size_t{1} << t->bits) ||
+      t->bits >= kMaxTableBits) {
+    return;
+  }
   // The live slots move into the new table before it is published, so that no hit known to the
   // old table takes the slow path once after the growth. With the hash's top bits as the index,
   // old bucket i splits into new buckets 2i and 2i + 1: a streaming copy that never overflows a
