@@ -417,7 +417,7 @@ class GatedRegistrar : public FakeRegistrar {
 TEST(RegistrationCacheGrowthTest, HitsStayLockFreeAfterTheLookupTableGrows) {
   GatedRegistrar gated;
   RegistrationCache::Options o;
-  o.lookup_buckets = 16;  // grows 16 -> 256 buckets while 200 regions are cached
+  o.lookup_buckets = 16;  // grows 16 -> 512 buckets (two per region) while 200 are cached
   auto c = RegistrationCache::Create(&gated, o);
   ASSERT_TRUE(c.ok()) << c.status();
   RegistrationCache& cache = **c;
