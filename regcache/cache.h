@@ -13,9 +13,9 @@
 // The hit path (no lock, no locked instruction, no shared write):
 //   A lookup table of buckets, each of 4 slots {page key, Region*} in one cache line, maps the
 //   page of a looked-up address to the region last found for it; it keeps at least two buckets
-//   per live region (cache.cc, kBucketsPerRegion: lines shared by two threads' keys slow both). Acquire hashes the page, and for each slot whose key
-//   matches: prefetches the region's first line for writing; publishes the region in a free hazard
-//   slot of its thread (internal/hazard.h: a plain store); loads region->state (acquire); skips
+//   per live region (cache.cc, kBucketsPerRegion: lines shared by two threads' keys slow both).
+//   Acquire hashes the page, and for each slot whose key matches: prefetches the region's first
+//   line for writing; publishes the region in a free hazard slot of its thread (internal/hazard.h: a plain store); loads region->state (acquire); skips
 //   it if dead; checks the region's [start, end) covers the request and its rights cover the
 //   asked ones. The region is then held by the hazard: the reclaimer, before it deregisters dead
 //   regions, passes a process-wide memory barrier (membarrier) and reads the hazard slots, so
