@@ -15,11 +15,12 @@
 //   page of a looked-up address to the region last found for it; it keeps at least two buckets
 //   per live region (cache.cc, kBucketsPerRegion: lines shared by two threads' keys slow both).
 //   Acquire hashes the page, and for each slot whose key matches: prefetches the region's first
-//   line for writing; publishes the region in a free hazard slot of its thread (internal/hazard.h: a plain store); loads region->state (acquire); skips
-//   it if dead; checks the region's [start, end) covers the request and its rights cover the
-//   asked ones. The region is then held by the hazard: the reclaimer, before it deregisters dead
-//   regions, passes a process-wide memory barrier (membarrier) and reads the hazard slots, so
-//   either a hit saw the region dead or the reclaimer sees its hazard. The RegionRef names the
+//   line for writing; publishes the region in a free hazard slot of its thread
+//   (internal/hazard.h: a plain store); loads region->state (acquire); skips it if dead; checks
+//   the region's [start, end) covers the request and its rights cover the asked ones. The region
+//   is then held by the hazard: the reclaimer, before it deregisters dead regions, passes a
+//   process-wide memory barrier (membarrier) and reads the hazard slots, so either a hit saw the
+//   region dead or the reclaimer sees its hazard. The RegionRef names the
 //   slot; dropping it is a store of null (and of the LRU stamp into the region's line).
 //   When the thread has no free hazard slot (it holds 6 references already) or hazards are off
 //   (Options::hazard_references, or no membarrier), the hit takes a counted reference instead: a
