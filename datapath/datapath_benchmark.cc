@@ -5,10 +5,10 @@
 // Each benchmark is NAME/provider/op/size/depth: `depth` operations of `size` bytes are posted,
 // then all are waited for (one iteration). Sizes 64 B to 16 MiB, depth 1 (latency) and 32.
 //   raw          two endpoints of the type sanreg uses (shm: RDM; tcp: the native provider's
-//                connected MSG endpoints), each in its own fabric and domain (as sanreg's pair is); the
-//                caller's thread posts and reaps its own completion queue, a second thread
-//                progresses the target (polls its queue without pause), as a target in another
-//                process must be. The baseline of the ratios.
+//                connected MSG endpoints), each in its own fabric and domain (as sanreg's pair
+//                is); the caller's thread posts and reaps its own completion queue, a second
+//                thread progresses the target (polls its queue without pause), as a target in
+//                another process must be. The baseline of the ratios.
 //   raw1thread   the same, but the caller's thread also drives the target's queue: not a
 //                deployable topology (the target is in the caller's thread), kept for reference.
 //   sanreg       two Fabrics connected over loopback, each with its progress thread; the caller
@@ -22,7 +22,8 @@
 // repetition opens new connections, and this guest changes speed for minutes at a time, so
 // repetitions run back to back can put one mode's runs in a slow spell and the next mode's in a
 // fast one; interleaved, every mode's median draws from the same spells and connections. The
-// tables keep the order in which the benchmarks are registered.
+// tables keep the order in which the benchmarks are registered. With repetitions, a second table
+// has each mode's best repetition beside the medians (see kBest).
 
 #include <benchmark/benchmark.h>
 #include <rdma/fabric.h>
