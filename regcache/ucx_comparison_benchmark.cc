@@ -633,9 +633,9 @@ class RatioReporter : public benchmark::ConsoleReporter {
   // CPU 0 and t1 on CPU 1 and do not slow each other: half the mean of t0 and t1, a scaling of
   // exactly 2. Against one CPU's time alone the scaling reads t0's share of it instead: this
   // guest's two vCPUs often differ by 1.3-1.9x in memory latency for minutes at a time, and which
-  // is faster changes (docs/PERFORMANCE.md), so that read 1.6x in one hour and 2.5x in the next
-  // for the same code. The sanreg / UCX ratio of one thread uses the same mean: both caches are
-  // timed on both CPUs.
+  // is faster changes, so that the same binary read 2.50-2.56x at 10,000 regions while vCPU 0 was
+  // the slow one and 1.77x minutes later, with the vCPUs alike (docs/PERFORMANCE.md, target 2).
+  // The sanreg / UCX ratio of one thread uses the same mean: both caches are timed on both CPUs.
   double OneThreadNs(const std::string& cpu0, const std::string& cpu1) const {
     return Ns(cpu0) > 0 && Ns(cpu1) > 0 ? (Ns(cpu0) + Ns(cpu1)) / 2 : 0;
   }
