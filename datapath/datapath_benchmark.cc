@@ -406,42 +406,12 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 
   std::string Markdown() const {
-    std::string out =
-        "| provider | op | size | depth | raw MB/s | raw1thread MB/s (ref.) | sanreg MB/s | "
-        "sanreg / raw | sanreg-poll MB/s | sanreg-poll / raw |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    for (const std::string& key : keys_) {
-      auto found = rates_.find(key);
-      if (found == rates_.end()) continue;  // filtered out, or every mode failed
-      const auto& m = found->second;
-      const double raw = Get(m, "raw");
-      char line[512];
-      std::snprintf(
-          line, sizeof line, "| %s | %s | %s | %s | %s | %s |\n", Cells(key).c_str(),
-          Mb(raw).c_str(), Mb(Get(m, "raw1thread")).c_str(), Mb(Get(m, "sanreg")).c_str(),
-          Ratio(Get(m, "sanreg"), raw).c_str(),
-          (Mb(Get(m, "sanreg-poll")) + " | " + Ratio(Get(m, "sanreg-poll"), raw)).c_str());
-      out += line;
-    }
+    std::string out = RatioTable(rates_, /*with_raw1thread=*/true);
     if (!best_.empty()) {
       out +=
           "\nThe best repetition of each mode (the highest bytes/s of its repetitions): the "
-          "machine's fast spells, if any repetition of a mode fell in one\n\n"
-          "| provider | op | size | depth | raw MB/s | sanreg MB/s | sanreg / raw | "
-          "sanreg-poll MB/s | sanreg-poll / raw |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
-      for (const std::string& key : keys_) {
-        auto found = best_.find(key);
-        if (found == best_.end()) continue;
-        const auto& m = found->second;
-        const double raw = Get(m, "raw");
-        char line[512];
-        std::snprintf(line, sizeof line, "| %s | %s | %s | %s | %s | %s |\n",
-                      Cells(key).c_str(), Mb(raw).c_str(), Mb(Get(m, "sanreg")).c_str(),
-                      Ratio(Get(m, "sanreg"), raw).c_str(), Mb(Get(m, "sanreg-poll")).c_str(),
-                      Ratio(Get(m, "sanreg-poll"), raw).c_str());
-        out += line;
-      }
+          "machine's fast spells, if any repetition of a mode fell in one\n\n" +
+          RatioTable(best_, /*with_raw1thread=*/false);
     }
     out +=
         "\nDepth 1: time per operation (us), posting to completion\n\n"
@@ -463,6 +433,27 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 
  private:
+  using Rates = std::map<std::string, std::map<std::string, double>>;  // key -> mode -> bytes/s
+
+  // Throughput and the ratios to raw, one row per key of `rates`, in the order of AddKey.
+  std::string RatioTable(const Rates& rates, bool with_raw1thread) const {
+    std::string out = std::string("| provider | op | size | depth | raw MB/s | ") +
+                      (with_raw1thread ? "raw1thread MB/s (ref.) | " : "") +
+                      "sanreg MB/s | sanreg / raw | sanreg-poll MB/s | sanreg-poll / raw |\n" +
+                      (with_raw1thread ? "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                                       : "|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (const std::string& key : keys_) {
+      auto found = rates.find(key);
+      if (found == rates.end()) continue;  // filtered out, or every mode failed
+      const auto& m = found->second;
+      const double raw = Get(m, "raw");
+      out += "| " + Cells(key) + " | " + Mb(raw) + " | ";
+      if (with_raw1thread) out += Mb(Get(m, "raw1thread")) + " | ";
+      out += Mb(Get(m, "sanreg")) + " | " + Ratio(Get(m, "sanreg"), raw) + " | " +
+             Mb(Get(m, "sanreg-poll")) + " | " + Ratio(Get(m, "sanreg-poll"), raw) + " |\n";
+    }
+    return out;
+  }
   static double Get(const std::map<std::string, double>& m, const char* mode) {
     auto it = m.find(mode);
     return it == m.end() ? 0 : it->second;
@@ -507,8 +498,8 @@ class RatioReporter : public benchmark::ConsoleReporter {
     return s;
   }
 
-  std::map<std::string, std::map<std::string, double>> rates_;  // medians (or single runs)
-  std::map<std::string, std::map<std::string, double>> best_;   // the "max" aggregates
+  Rates rates_;  // medians (or single runs)
+  Rates best_;   // the "max" aggregates
   std::vector<std::string> keys_;  // in the order of AddKey
 };
 
