@@ -14,6 +14,10 @@
 //   sanreg       two Fabrics connected over loopback, each with its progress thread; the caller
 //                posts and blocks in Completion::Wait.
 //   sanreg-poll  the same, but the caller drives its endpoint with Endpoint::Poll while it waits.
+//   alternated   raw, sanreg and sanreg-poll set up side by side in one benchmark, taking turns of
+//                a few tens of milliseconds (see BM_Alternated): every mode meets the same spells
+//                of the guest's speed. Its table comes second; perf_report.sh checks the 0.9
+//                target on it too.
 // Raw writes ask for delivery completion too, as sanreg's do (see endpoint.h).
 //
 // Run: bazel run -c opt //datapath:datapath_benchmark -- --benchmark_min_time=0.05
@@ -22,8 +26,8 @@
 // repetition opens new connections, and this guest changes speed for minutes at a time, so
 // repetitions run back to back can put one mode's runs in a slow spell and the next mode's in a
 // fast one; interleaved, every mode's median draws from the same spells and connections. The
-// tables keep the order in which the benchmarks are registered. With repetitions, a second table
-// has each mode's best repetition beside the medians (see kBest).
+// tables keep the order in which the benchmarks are registered: the separate modes' medians, the
+// alternated modes' and, with repetitions, each separate mode's best repetition (see kBest).
 
 #include <benchmark/benchmark.h>
 #include <rdma/fabric.h>
@@ -36,11 +40,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -291,7 +298,51 @@ void BM_Raw(benchmark::State& state, const char* prov, bool write) {
 
 // The target progressed by a thread of its own that polls its completion queue without pause, as
 // a target in another process must be: the initiator's thread no longer drives the target's side
-// of the protocol. This is the raw loop sanreg is compared with.
+// of the protocol. Paused (BM_Alternated, while another mode has its turn), it sleeps instead.
+class RawTargetThread {
+ public:
+  explicit RawTargetThread(fid_cq* cq) : cq_(cq), thread_([this] { Loop(); }) {}
+  ~RawTargetThread() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+      run_.store(false);
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void Pause() { run_.store(false); }  // the thread sleeps after its current poll
+  void Resume() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      run_.store(true);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void Loop() {
+    bench::ScopedPin target_pin(PinCpu(1));
+    fi_cq_entry e[16];
+    while (true) {
+      if (!run_.load(std::memory_order_relaxed)) {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [this] { return stop_ || run_.load(); });
+        if (stop_) return;
+      }
+      fi_cq_read(cq_, e, 16);
+    }
+  }
+  fid_cq* const cq_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;             // under mu_
+  std::atomic<bool> run_{true};  // set under mu_, read without it
+  std::thread thread_;           // last: starts once the rest is initialized
+};
+
+// The raw loop sanreg is compared with: the caller posts and reaps, RawTargetThread progresses the
+// target.
 void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
   bench::ScopedPin pin(PinCpu(0));
   Raw raw(prov);
@@ -299,57 +350,61 @@ void BM_RawTwoThreads(benchmark::State& state, const char* prov, bool write) {
     state.SkipWithError("raw setup failed");
     return;
   }
-  std::atomic<bool> stop{false};
-  std::thread target([&] {
-    bench::ScopedPin target_pin(PinCpu(1));
-    fi_cq_entry e[16];
-    while (!stop.load(std::memory_order_relaxed)) fi_cq_read(raw.side[1].cq, e, 16);
-  });
+  RawTargetThread target(raw.side[1].cq);
   const size_t size = static_cast<size_t>(state.range(0));
   const int depth = static_cast<int>(state.range(1));
   RawIteration(raw, write, size, depth, false);  // warm-up, untimed (see kWarmUp)
   for (auto _ : state) RawIteration(raw, write, size, depth, false);
-  stop.store(true);
-  target.join();
   state.SetBytesProcessed(state.iterations() * depth * static_cast<int64_t>(size));
 }
 
-// `drive`: the caller reaps completions itself (Endpoint::Poll) while it waits (sanreg-poll),
-// instead of blocking in Completion::Wait until the progress thread hands them over (sanreg).
-void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive) {
-  bench::ScopedPin caller_pin(PinCpu(0));
-  FabricOptions o;
-  o.provider = prov;
-  o.apply_env = false;
-  FabricOptions target = o;
-  o.progress_cpu = PinCpu(0);
-  target.progress_cpu = PinCpu(1);
-  auto pair = testing::ConnectedPair::Make(o, target);
-  if (!pair.ok()) {
-    state.SkipWithError("sanreg setup failed");
-    return;
-  }
+// sanreg's side of the comparison: two Fabrics connected over loopback (the caller's thread and
+// the initiator's progress thread on the first CPU of --pin, the target's progress thread on the
+// second), a registered source and an exposed destination of kMaxSize bytes.
+struct SanregRig {
+  testing::ConnectedPair pair;
   PinRegistrar pin;
-  auto ireg = pair->initiator_fabric->NewRegistrar(&pin);
-  auto treg = pair->target_fabric->NewRegistrar(&pin);
-  auto src = testing::Buffer::Make(ireg.get(), kMaxSize, kAccessLocalRead | kAccessLocalWrite);
-  auto dst = testing::Buffer::Make(treg.get(), kMaxSize, kAccessAll);
-  if (!src.ok() || !dst.ok()) {
-    state.SkipWithError("registration failed");
-    return;
+  std::unique_ptr<Registrar> ireg, treg;
+  std::unique_ptr<testing::Buffer> src, dst;
+  RemoteRegion region;
+  std::unique_ptr<Completion[]> cs;
+
+  // Returns an error message, or null when set up.
+  const char* Open(const char* prov, int depth) {
+    FabricOptions o;
+    o.provider = prov;
+    o.apply_env = false;
+    FabricOptions target = o;
+    o.progress_cpu = PinCpu(0);
+    target.progress_cpu = PinCpu(1);
+    auto p = testing::ConnectedPair::Make(o, target);
+    if (!p.ok()) return "sanreg setup failed";
+    pair = *std::move(p);
+    ireg = pair.initiator_fabric->NewRegistrar(&pin);
+    treg = pair.target_fabric->NewRegistrar(&pin);
+    auto s = testing::Buffer::Make(ireg.get(), kMaxSize, kAccessLocalRead | kAccessLocalWrite);
+    auto d = testing::Buffer::Make(treg.get(), kMaxSize, kAccessAll);
+    if (!s.ok() || !d.ok()) return "registration failed";
+    src = *std::move(s);
+    dst = *std::move(d);
+    auto r = pair.target->Expose(dst->reg(), dst->data(), kMaxSize,
+                                 kAccessRemoteRead | kAccessRemoteWrite);
+    if (!r.ok()) return "expose failed";
+    region = *r;
+    cs.reset(new Completion[depth]);
+    return nullptr;
   }
-  auto region = pair->target->Expose((*dst)->reg(), (*dst)->data(), kMaxSize,
-                                     kAccessRemoteRead | kAccessRemoteWrite);
-  const size_t size = static_cast<size_t>(state.range(0));
-  const int depth = static_cast<int>(state.range(1));
-  Sge s = (*src)->sge(0, size);
-  std::unique_ptr<Completion[]> cs(new Completion[depth]);
-  auto iteration = [&] {
+
+  // Posts `depth` operations of `size` bytes and waits for all of them. `drive`: the caller
+  // reaps completions itself (Endpoint::Poll) while it waits (sanreg-poll), instead of blocking in
+  // Completion::Wait until the progress thread hands them over (sanreg).
+  void Iteration(bool write, size_t size, int depth, bool drive) {
+    Sge s = src->sge(0, size);
     for (int i = 0; i < depth; ++i) {
       Completion& c = cs[i];
       c.Reset();
-      absl::Status st = write ? pair->initiator->Write({&s, 1}, *region, 0, &c)
-                              : pair->initiator->Read({&s, 1}, *region, 0, &c);
+      absl::Status st = write ? pair.initiator->Write({&s, 1}, region, 0, &c)
+                              : pair.initiator->Read({&s, 1}, region, 0, &c);
       if (!st.ok()) {
         std::fprintf(stderr, "post: %s\n", st.ToString().c_str());
         abort();
@@ -358,7 +413,7 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
     for (int i = 0; i < depth; ++i) {
       Completion& c = cs[i];
       if (drive) {
-        while (!c.Done()) pair->initiator->Poll();
+        while (!c.Done()) pair.initiator->Poll();
       }
       c.Wait();
       if (!c.status().ok()) {
@@ -366,10 +421,106 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
         abort();
       }
     }
-  };
-  iteration();  // warm-up, untimed (see kWarmUp)
-  for (auto _ : state) iteration();
+  }
+};
+
+void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive) {
+  bench::ScopedPin caller_pin(PinCpu(0));
+  const size_t size = static_cast<size_t>(state.range(0));
+  const int depth = static_cast<int>(state.range(1));
+  SanregRig rig;
+  if (const char* error = rig.Open(prov, depth)) {
+    state.SkipWithError(error);
+    return;
+  }
+  rig.Iteration(write, size, depth, drive);  // warm-up, untimed (see kWarmUp)
+  for (auto _ : state) rig.Iteration(write, size, depth, drive);
   state.SetBytesProcessed(state.iterations() * depth * static_cast<int64_t>(size));
+}
+
+// The three deployable modes of one provider, operation, size and depth, in one process, taking
+// turns: kRounds rounds, each giving every mode a turn (in the opposite order in odd rounds) of
+// kTurnWarm untimed, then at least kTurnTimed timed (and at least one iteration). Why: this guest
+// changes speed for minutes at a time (a 4 KiB shm write at 0.8-0.9 us in one spell, 2.2-2.7 in
+// the other), and separate benchmarks, minutes apart with random interleaving, can put one mode in
+// the fast spell and the other in the slow one; turns a few tens of milliseconds apart share the
+// spell. A mode's untimed start lets the previous mode's threads go quiet first: raw's target
+// thread is paused outside raw's turns, and sanreg's progress threads stop spinning within
+// kHotWindowNs (20 ms) of the last operation and sleep (datapath/libfabric/core.h). Reports each
+// mode's median bytes/s over the rounds, and the median over the rounds of each round's ratio to
+// raw (the "sanreg / raw" counters).
+constexpr int kRounds = 5;
+constexpr auto kTurnWarm = std::chrono::milliseconds(30);
+constexpr auto kTurnTimed = std::chrono::milliseconds(40);
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+void BM_Alternated(benchmark::State& state, const char* prov, bool write) {
+  bench::ScopedPin pin(PinCpu(0));
+  const size_t size = static_cast<size_t>(state.range(0));
+  const int depth = static_cast<int>(state.range(1));
+  Raw raw(prov);
+  if (!raw.ok) {
+    state.SkipWithError("raw setup failed");
+    return;
+  }
+  RawTargetThread target(raw.side[1].cq);
+  target.Pause();
+  SanregRig rig;
+  if (const char* error = rig.Open(prov, depth)) {
+    state.SkipWithError(error);
+    return;
+  }
+  using Clock = std::chrono::steady_clock;
+  // One turn of mode m (0 raw, 1 sanreg, 2 sanreg-poll): returns its bytes/s.
+  auto turn = [&](int m) {
+    if (m == 0) target.Resume();
+    auto iteration = [&] {
+      if (m == 0) {
+        RawIteration(raw, write, size, depth, false);
+      } else {
+        rig.Iteration(write, size, depth, /*drive=*/m == 2);
+      }
+    };
+    for (auto start = Clock::now(); Clock::now() - start < kTurnWarm;) iteration();
+    int64_t n = 0;
+    const auto start = Clock::now();
+    auto elapsed = Clock::duration::zero();
+    do {
+      iteration();
+      ++n;
+      elapsed = Clock::now() - start;
+    } while (elapsed < kTurnTimed);
+    if (m == 0) target.Pause();
+    return static_cast<double>(n) * depth * static_cast<double>(size) /
+           std::chrono::duration<double>(elapsed).count();
+  };
+  std::vector<double> rates[3];
+  std::vector<double> ratios[2];
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    for (int r = 0; r < kRounds; ++r) {
+      double rate[3];
+      for (int k = 0; k < 3; ++k) {
+        const int m = r % 2 == 0 ? k : 2 - k;
+        rate[m] = turn(m);
+        rates[m].push_back(rate[m]);
+      }
+      ratios[0].push_back(rate[1] / rate[0]);
+      ratios[1].push_back(rate[2] / rate[0]);
+    }
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  state.counters["raw"] = Median(rates[0]);
+  state.counters["sanreg"] = Median(rates[1]);
+  state.counters["sanreg-poll"] = Median(rates[2]);
+  state.counters["sanreg / raw"] = Median(ratios[0]);
+  state.counters["sanreg-poll / raw"] = Median(ratios[1]);
 }
 
 // Collects bytes/s per benchmark, then prints the comparison as markdown tables: throughput and
@@ -384,16 +535,24 @@ class RatioReporter : public benchmark::ConsoleReporter {
       if (r.error_occurred) continue;
       const bool best = r.run_type == Run::RT_Aggregate && r.aggregate_name == kBest;
       if (r.run_type == Run::RT_Aggregate && r.aggregate_name != "median" && !best) continue;
+      // "sanreg/tcp/write/4096/32/real_time" -> mode "sanreg", key "tcp/write/4096/32".
+      const std::string name = r.run_name.str();
+      const size_t slash = name.find('/');
+      if (slash == std::string::npos) continue;
+      const std::string mode = name.substr(0, slash);
+      size_t end = slash;
+      for (int i = 0; i < 4 && end != std::string::npos; ++i) end = name.find('/', end + 1);
+      const std::string key = name.substr(slash + 1, end == std::string::npos ? end : end - slash - 1);
+      if (mode == "alternated") {
+        // Its counters: each mode's bytes/s and the ratios (see BM_Alternated); not its best.
+        if (best) continue;
+        for (const auto& [counter, value] : r.counters) alternated_[key][counter] = value;
+        AddKey(key);
+        continue;
+      }
       auto it = r.counters.find("bytes_per_second");
       if (it == r.counters.end()) continue;
-      // "sanreg/tcp/write/4096/32/real_time" -> mode "sanreg", key "tcp/write/4096/32".
-      std::string name = r.run_name.str();
-      const size_t slash = name.find('/');
-      const size_t suffix = name.rfind("/real_time");
-      if (slash == std::string::npos) continue;
-      std::string key = name.substr(
-          slash + 1, suffix == std::string::npos ? std::string::npos : suffix - slash - 1);
-      (best ? best_ : rates_)[key][name.substr(0, slash)] = it->second;
+      (best ? best_ : rates_)[key][mode] = it->second;
       AddKey(key);
     }
     ConsoleReporter::ReportRuns(runs);
@@ -407,6 +566,12 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
   std::string Markdown() const {
     std::string out = RatioTable(rates_, /*with_raw1thread=*/true);
+    if (!alternated_.empty()) {
+      out +=
+          "\nAlternated: the three modes taking turns in one process (see BM_Alternated), each "
+          "mode's median bytes/s over the rounds and the median of the rounds' ratios\n\n" +
+          RatioTable(alternated_, /*with_raw1thread=*/false);
+    }
     if (!best_.empty()) {
       out +=
           "\nThe best repetition of each mode (the highest bytes/s of its repetitions): the "
@@ -449,10 +614,19 @@ class RatioReporter : public benchmark::ConsoleReporter {
       const double raw = Get(m, "raw");
       out += "| " + Cells(key) + " | " + Mb(raw) + " | ";
       if (with_raw1thread) out += Mb(Get(m, "raw1thread")) + " | ";
-      out += Mb(Get(m, "sanreg")) + " | " + Ratio(Get(m, "sanreg"), raw) + " | " +
-             Mb(Get(m, "sanreg-poll")) + " | " + Ratio(Get(m, "sanreg-poll"), raw) + " |\n";
+      out += Mb(Get(m, "sanreg")) + " | " + RatioOf(m, "sanreg") + " | " +
+             Mb(Get(m, "sanreg-poll")) + " | " + RatioOf(m, "sanreg-poll") + " |\n";
     }
     return out;
+  }
+  // `mode`'s ratio to raw: the one measured with it ("sanreg / raw", BM_Alternated) if any, else
+  // the ratio of the two bytes/s.
+  static std::string RatioOf(const std::map<std::string, double>& m, const std::string& mode) {
+    auto it = m.find(mode + " / raw");
+    if (it == m.end()) return Ratio(Get(m, mode.c_str()), Get(m, "raw"));
+    char s[32];
+    std::snprintf(s, sizeof s, "%.2f", it->second);
+    return s;
   }
   static double Get(const std::map<std::string, double>& m, const char* mode) {
     auto it = m.find(mode);
@@ -500,6 +674,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
   Rates rates_;  // medians (or single runs)
   Rates best_;   // the "max" aggregates
+  Rates alternated_;  // BM_Alternated's counters: bytes/s by mode, and "<mode> / raw" ratios
   std::vector<std::string> keys_;  // in the order of AddKey
 };
 
@@ -556,6 +731,10 @@ int main(int argc, char** argv) {
               ->Args({size, depth})
               ->ComputeStatistics(kBest, Max)
               ->UseRealTime();
+          benchmark::RegisterBenchmark(("alternated" + suffix).c_str(), BM_Alternated, prov, write)
+              ->Args({size, depth})
+              ->Iterations(1)
+              ->UseManualTime();
         }
       }
     }

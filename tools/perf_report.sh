@@ -31,7 +31,7 @@
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
 #                     other work on a shared machine takes less of its cores; unset: as is
-# Takes about 11 minutes on 2 vCPUs with REPS=3. Needs tools/setup.sh's packages (ucx-utils,
+# Takes about 16 minutes on 2 vCPUs with REPS=3. Needs tools/setup.sh's packages (ucx-utils,
 # gnuplot-nox).
 set -euo pipefail
 
@@ -272,9 +272,11 @@ targets() {
              (r != "-" && r + 0 >= 1.8 ? "met" : "MISSED")
     }
   ' "$OUT/cache.md"
-  # Data path: per mode, how many rows reach 0.9 of raw, and the lowest: medians (the first table),
-  # then each mode's best repetition (the table after "The best repetition", when REPS > 1).
+  # Data path: per mode, how many rows reach 0.9 of raw, and the lowest: medians of the separate
+  # benchmarks (the first table), the modes taking turns in one process (the table after
+  # "Alternated"), then each mode's best repetition (after "The best repetition", when REPS > 1).
   datapath_targets "" 9 11 ""
+  datapath_targets "^Alternated" 8 10 ", taking turns in one process"
   datapath_targets "^The best repetition" 8 10 ", each mode's best repetition"
   awk -F'|' 'NR > 2 {
       r = $7 + 0; n++; if (r >= 0.95) ok++
