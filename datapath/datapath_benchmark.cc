@@ -46,6 +46,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -458,6 +459,9 @@ void BM_Sanreg(benchmark::State& state, const char* prov, bool write, bool drive
 // mode's median bytes/s over the rounds, and the median over the rounds of each round's ratio to
 // raw (the "sanreg / raw" counters).
 constexpr int kRounds = 5;
+// The modes, raw first (the ratios' base); their names are the counters' and the tables' columns.
+constexpr const char* kAlternatedModes[] = {"raw", "sanreg", "sanreg-poll"};
+constexpr int kModes = static_cast<int>(std::size(kAlternatedModes));
 constexpr auto kTurnWarm = std::chrono::milliseconds(30);
 constexpr auto kTurnTimed = std::chrono::milliseconds(40);
 
@@ -485,7 +489,7 @@ void BM_Alternated(benchmark::State& state, const char* prov, bool write) {
     return;
   }
   using Clock = std::chrono::steady_clock;
-  // One turn of mode m (0 raw, 1 sanreg, 2 sanreg-poll): returns its bytes/s.
+  // One turn of mode m (kAlternatedModes[m]): returns its bytes/s.
   auto turn = [&](int m) {
     if (m == 0) target.Resume();
     auto iteration = [&] {
@@ -508,27 +512,25 @@ void BM_Alternated(benchmark::State& state, const char* prov, bool write) {
     return static_cast<double>(n) * depth * static_cast<double>(size) /
            std::chrono::duration<double>(elapsed).count();
   };
-  std::vector<double> rates[3];
-  std::vector<double> ratios[2];
+  std::vector<double> rates[kModes];
+  std::vector<double> ratios[kModes];  // to raw, each round's; raw's own stays empty
   for (auto _ : state) {
     const auto start = Clock::now();
     for (int r = 0; r < kRounds; ++r) {
-      double rate[3];
-      for (int k = 0; k < 3; ++k) {
-        const int m = r % 2 == 0 ? k : 2 - k;
+      double rate[kModes];
+      for (int k = 0; k < kModes; ++k) {
+        const int m = r % 2 == 0 ? k : kModes - 1 - k;
         rate[m] = turn(m);
         rates[m].push_back(rate[m]);
       }
-      ratios[0].push_back(rate[1] / rate[0]);
-      ratios[1].push_back(rate[2] / rate[0]);
+      for (int m = 1; m < kModes; ++m) ratios[m].push_back(rate[m] / rate[0]);
     }
     state.SetIterationTime(std::chrono::duration<double>(Clock::now() - start).count());
   }
-  state.counters["raw"] = Median(rates[0]);
-  state.counters["sanreg"] = Median(rates[1]);
-  state.counters["sanreg-poll"] = Median(rates[2]);
-  state.counters["sanreg / raw"] = Median(ratios[0]);
-  state.counters["sanreg-poll / raw"] = Median(ratios[1]);
+  for (int m = 0; m < kModes; ++m) {
+    state.counters[kAlternatedModes[m]] = Median(rates[m]);
+    if (m > 0) state.counters[std::string(kAlternatedModes[m]) + " / raw"] = Median(ratios[m]);
+  }
 }
 
 // Collects bytes/s per benchmark, then prints the comparison as markdown tables: throughput and
