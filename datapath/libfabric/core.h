@@ -186,16 +186,17 @@ class EndpointCore final : public EndpointBackend {
   // Returns true when the peer asked the fabric to stay hot.
   bool OnSocketReadable();
   size_t pending() const override { return pending_atomic_.load(std::memory_order_relaxed); }
-  // Endpoint::Poll marks its caller as driving this endpoint; while one does (the mark is younger
-  // than kDriverGraceNs on the coarse clock, so up to one clock tick, 4 ms), the progress thread
-  // leaves the endpoint to it instead of spinning on it too.
+  // Endpoint::Poll and Completion::Wait mark their caller as driving this endpoint, and so does a
+  // Post on an endpoint RecentlyDriven (its caller posts between its polls); while one does (the
+  // mark is younger than kDriverGraceNs on the coarse clock, so up to one clock tick, 4 ms), the
+  // progress thread leaves the endpoint to it instead of spinning on it too.
   void MarkDriven(int64_t now_ns) { driven_ns_.store(now_ns, std::memory_order_relaxed); }
   bool Driven(int64_t now_ns) const {
     return now_ns - driven_ns_.load(std::memory_order_relaxed) < kDriverGraceNs;
   }
   static constexpr int64_t kDriverGraceNs = 200'000;
-  // Marked in this coarse tick or the one before. A post on such an endpoint does not wake the
-  // progress thread from a short sleep: its poster most likely drives it again at once (a Wait
+  // Marked in this coarse tick or the one before. A post on such an endpoint renews the mark and
+  // does not wake the progress thread from a short sleep: its poster most likely drives it again at once (a Wait
   // right after its posts finds a mark one tick old at every tick boundary), and the progress
   // thread, which sleeps short while any endpoint is recently driven, looks within a tick anyway.
   bool RecentlyDriven(int64_t now_ns) const {
