@@ -204,6 +204,11 @@ class EndpointCore final : public EndpointBackend {
            fabric_->driver_recheck_ns_ + kDriverGraceNs;
   }
 
+  // The CPU the last Post ran on, or -1 before the first. A progress thread on that CPU that
+  // spins on this endpoint's operations without reaping any takes the CPU from the poster, which
+  // is most likely still posting there (ProgressLoop).
+  int post_cpu() const { return post_cpu_.load(std::memory_order_relaxed); }
+
   FabricCore* const fabric_;
   uint64_t id_;  // set once, before the endpoint is published
   int sock_ = -1;  // out-of-band socket (non-blocking after the handshake)
@@ -263,6 +268,7 @@ class EndpointCore final : public EndpointBackend {
   int64_t idle_checked_ns_ ABSL_GUARDED_BY(cq_mu_) = INT64_MIN;
   int64_t last_wake_sent_ns_ ABSL_GUARDED_BY(mu_) = 0;
   std::atomic<int64_t> driven_ns_{INT64_MIN / 2};
+  std::atomic<int> post_cpu_{-1};  // the CPU of the last Post (see post_cpu)
 
  public:
   absl::Status health() const override {
