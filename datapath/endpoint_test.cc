@@ -406,6 +406,42 @@ TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
   }
 }
 
+// A caller that polled once and from then on only posts callback operations, without a pause, is
+// taken over by the progress thread while it goes on posting. Its posts mark the endpoint driven
+// only while its last poll is recent (two coarse clock ticks), so the marks stop and the progress
+// thread takes the endpoint a tick or so later: here after 2,000-10,000 posts (3-9 ms). With each
+// post renewing the mark for the next (an earlier version), the progress thread found the
+// endpoint driven at most looks: on shm nothing had completed after 66,000-200,000 posts in two
+// runs of three.
+TEST_P(EndpointTest, APosterThatStoppedPollingIsTakenOverWhileItGoesOnPosting) {
+  Open(absl::Seconds(120));  // an idle poll longer than the test: only a takeover completes
+  auto src = Local(64);
+  auto tgt = Target(64);
+  RemoteRegion region = Expose(*tgt);
+  Sge s = src->sge(0, 8);
+  // Static: a callback that runs after a failed assertion, when the pair closes, still finds it.
+  static std::atomic<size_t> done;
+  done.store(0);
+  Completion::Callback count = [](Completion*, void*) { done.fetch_add(1); };
+  pair_->initiator->Poll();
+  // About 50 ms of posts on this machine, a dozen ticks (4 ms each).
+  constexpr size_t kMaxPosts = 50'000;
+  const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  size_t posted = 0;
+  while (done.load() == 0 && posted < kMaxPosts && std::chrono::steady_clock::now() < limit) {
+    Completion& c = completions_.emplace_back(count, nullptr);
+    ASSERT_TRUE(pair_->initiator->Write({&s, 1}, region, 0, &c).ok());
+    ++posted;
+  }
+  EXPECT_GT(done.load(), 0u) << "nothing completed during " << posted << " posts";
+  // The rest complete through the progress thread too.
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (done.load() < posted && std::chrono::steady_clock::now() < end) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(done.load(), posted);
+}
+
 // The ids of this process's threads named `name` (/proc/self/task/*/comm).
 std::set<pid_t> ThreadsNamed(const std::string& name) {
   std::set<pid_t> out;

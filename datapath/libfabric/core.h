@@ -26,6 +26,7 @@
 #include <rdma/fi_eq.h>
 #include <netinet/in.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -186,22 +187,34 @@ class EndpointCore final : public EndpointBackend {
   // Returns true when the peer asked the fabric to stay hot.
   bool OnSocketReadable();
   size_t pending() const override { return pending_atomic_.load(std::memory_order_relaxed); }
-  // Endpoint::Poll and Completion::Wait mark their caller as driving this endpoint, and so does a
-  // Post on an endpoint RecentlyDriven (its caller posts between its polls); while one does (the
-  // mark is younger than kDriverGraceNs on the coarse clock, so up to one clock tick, 4 ms), the
-  // progress thread leaves the endpoint to it instead of spinning on it too.
+  // Endpoint::Poll and Completion::Wait mark their caller as driving this endpoint (MarkDriven);
+  // so does a Post from a caller that RecentlyPolled (MarkPosting: it posts between its polls).
+  // While either mark is younger than kDriverGraceNs on the coarse clock (so up to one clock tick,
+  // 4 ms), the progress thread leaves the endpoint to its caller instead of spinning on it too.
+  // Only polls make a caller one whose posts mark: a caller that stops polling and goes on
+  // posting (callbacks only) stops marking within two ticks, and is taken over as one that stops
+  // polling is (DriverRecheckNs).
   void MarkDriven(int64_t now_ns) { driven_ns_.store(now_ns, std::memory_order_relaxed); }
-  bool Driven(int64_t now_ns) const {
-    return now_ns - driven_ns_.load(std::memory_order_relaxed) < kDriverGraceNs;
+  void MarkPosting(int64_t now_ns) { posting_ns_.store(now_ns, std::memory_order_relaxed); }
+  // Completion::Wait, going to sleep: the progress thread takes the endpoint back at once.
+  void ReleaseDriven() {
+    driven_ns_.store(INT64_MIN / 2, std::memory_order_relaxed);
+    posting_ns_.store(INT64_MIN / 2, std::memory_order_relaxed);
   }
+  bool Driven(int64_t now_ns) const { return now_ns - LastMark() < kDriverGraceNs; }
   static constexpr int64_t kDriverGraceNs = 200'000;
-  // Marked in this coarse tick or the one before. A post on such an endpoint renews the mark and
-  // does not wake the progress thread from a short sleep: its poster most likely drives it again at once (a Wait
-  // right after its posts finds a mark one tick old at every tick boundary), and the progress
-  // thread, which sleeps short while any endpoint is recently driven, looks within a tick anyway.
-  bool RecentlyDriven(int64_t now_ns) const {
+  // Polled in this coarse tick or the one before. A post from such a caller marks the endpoint
+  // and does not wake the progress thread from a short sleep: its poster most likely drives it
+  // again at once (a Wait right after its posts finds a mark one tick old at every tick
+  // boundary), and the progress thread, which sleeps short while any endpoint is recently
+  // driven, looks within a tick anyway.
+  bool RecentlyPolled(int64_t now_ns) const {
     return now_ns - driven_ns_.load(std::memory_order_relaxed) <
            fabric_->driver_recheck_ns_ + kDriverGraceNs;
+  }
+  // Either mark in this coarse tick or the one before (ProgressLoop: sleep short, and look again).
+  bool RecentlyDriven(int64_t now_ns) const {
+    return now_ns - LastMark() < fabric_->driver_recheck_ns_ + kDriverGraceNs;
   }
 
   // The CPU the last Post ran on, or -1 before the first. A progress thread on that CPU that
@@ -267,7 +280,13 @@ class EndpointCore final : public EndpointBackend {
   // (deadline check, wake-up of the peer); a pass in the same tick with nothing queued skips it.
   int64_t idle_checked_ns_ ABSL_GUARDED_BY(cq_mu_) = INT64_MIN;
   int64_t last_wake_sent_ns_ ABSL_GUARDED_BY(mu_) = 0;
+  // The last MarkDriven (Poll, Wait) and MarkPosting (Post), on the coarse clock.
   std::atomic<int64_t> driven_ns_{INT64_MIN / 2};
+  std::atomic<int64_t> posting_ns_{INT64_MIN / 2};
+  int64_t LastMark() const {
+    return std::max(driven_ns_.load(std::memory_order_relaxed),
+                    posting_ns_.load(std::memory_order_relaxed));
+  }
   std::atomic<int> post_cpu_{-1};  // the CPU of the last Post (see post_cpu)
 
  public:

@@ -62,7 +62,7 @@ void Completion::Wait() {
         continue;
       }
       if ((t.tv_sec - start.tv_sec) * 1'000'000'000 + (t.tv_nsec - start.tv_nsec) > kWaitDriveNs) {
-        core->MarkDriven(INT64_MIN / 2);  // the progress thread takes the endpoint back at once
+        core->ReleaseDriven();  // the progress thread takes the endpoint back at once
         core->fabric_->Wake();
         break;
       }
@@ -165,16 +165,16 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
   if (!prepared.ok()) return prepared;
   const int64_t now = NowCoarseNs();
   // A caller that drives this endpoint (Wait, Poll) and posts on it is still driving it: its
-  // posts renew the mark, so that the progress thread neither takes the endpoint at the next
-  // clock tick nor is woken by these posts (below) while the caller is between its polls. On tcp
-  // a post sends inline and a burst of large ones outlasts a tick; a progress thread woken into
-  // it, on the caller's CPU, preempted the caller and passed the provider's locks back and forth
-  // with it (11,000 context switches in 2 s on 1 MiB writes at depth 32, against 950 for the raw
-  // loop). An endpoint nobody drives (callbacks only) is never marked here: its posts wake the
-  // progress thread as before. A caller that stops after its posts is taken over as one that
-  // stops polling is (DriverRecheckNs).
-  const bool driven = RecentlyDriven(now);
-  if (driven) MarkDriven(now);
+  // posts mark it, so that the progress thread neither takes the endpoint at the next clock tick
+  // nor is woken by these posts (below) while the caller is between its polls. On tcp a post
+  // sends inline and a burst of large ones outlasts a tick; a progress thread woken into it, on
+  // the caller's CPU, preempted the caller and passed the provider's locks back and forth with it
+  // (11,000 context switches in 2 s on 1 MiB writes at depth 32, against 950 for the raw loop).
+  // An endpoint nobody polls (callbacks only) is never marked here: its posts wake the progress
+  // thread as before. Only a poll makes posts mark (RecentlyPolled), so a caller that stops
+  // polling is taken over within a few ticks however often it posts.
+  const bool driven = RecentlyPolled(now);
+  if (driven) MarkPosting(now);
   if (const int cpu = sched_getcpu(); post_cpu_.load(std::memory_order_relaxed) != cpu) {
     post_cpu_.store(cpu, std::memory_order_relaxed);
   }
