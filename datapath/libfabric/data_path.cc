@@ -404,7 +404,8 @@ void FabricCore::ProgressLoop() {
     bool busy = false;
     bool beside_poster = false;
     for (const auto& ep : snap) {
-      // Its caller polls it (Endpoint::Poll, Completion::Wait): leave it to them.
+      // Its caller polls it (Endpoint::Poll, Completion::Wait), or posts between its polls: leave
+      // it to them.
       if (ep->Driven(now)) continue;
       const size_t done = ep->Progress(now);
       const bool pending = ep->pending() > 0;
