@@ -368,11 +368,10 @@ TEST_P(EndpointTest, WaitersReturnWhenTheEndpointIsDestroyedUnderThem) {
 }
 
 // An operation whose poster neither waits for it nor polls completes through the progress thread,
-// at once, whether or not the endpoint was driven just before (a Wait or Poll marks it driven, a
-// post on an endpoint driven just before renews the mark, and the progress thread then leaves it
-// to its caller for a while). The idle poll is made longer than
-// the test's patience: an operation the progress thread was neither woken for nor watching would
-// sit out a whole idle sleep.
+// at once, whether or not the endpoint was driven just before (a Wait or Poll marks it driven, so
+// does a post from a caller that polled just before, and the progress thread then leaves it to its
+// caller for a while). The idle poll is made longer than the test's patience: an operation the
+// progress thread was neither woken for nor watching would sit out a whole idle sleep.
 TEST_P(EndpointTest, ACallbackOperationCompletesWithoutItsPosterDriving) {
   Open(absl::Seconds(120));
   auto src = Local(4096);

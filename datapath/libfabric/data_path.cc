@@ -173,8 +173,8 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
   // An endpoint nobody polls (callbacks only) is never marked here: its posts wake the progress
   // thread as before. Only a poll makes posts mark (RecentlyPolled), so a caller that stops
   // polling is taken over within a few ticks however often it posts.
-  const bool driven = RecentlyPolled(now);
-  if (driven) MarkPosting(now);
+  const bool polled = RecentlyPolled(now);
+  if (polled) MarkPosting(now);
   if (const int cpu = sched_getcpu(); post_cpu_.load(std::memory_order_relaxed) != cpu) {
     post_cpu_.store(cpu, std::memory_order_relaxed);
   }
@@ -216,7 +216,7 @@ absl::Status EndpointCore::Post(bool write, std::span<const Sge> sg, const Remot
   // stores the sleep, then reads the endpoints; this stored pending_atomic_, unlocked mu_ (on x86
   // a locked instruction, a full barrier), then reads the sleep. It then sleeps not at all, or
   // short.
-  fabric_->Wake(/*even_short=*/!driven);
+  fabric_->Wake(/*even_short=*/!polled);
   return absl::OkStatus();
 }
 
@@ -399,7 +399,6 @@ void FabricCore::ProgressLoop() {
       for (const auto& ep : snap) fds.push_back({ep->sock_, POLLIN, 0});
     }
     int64_t now = NowCoarseNs();
-    const int cpu = sched_getcpu();  // a load (glibc reads it from rseq)
     size_t work = 0;
     bool busy = false;
     bool beside_poster = false;
@@ -411,7 +410,9 @@ void FabricCore::ProgressLoop() {
       const bool pending = ep->pending() > 0;
       work += done;
       busy = busy || pending;
-      beside_poster = beside_poster || (done == 0 && pending && ep->post_cpu() == cpu);
+      // sched_getcpu: a load (glibc reads it from rseq), and only on a pass that found nothing.
+      beside_poster =
+          beside_poster || (done == 0 && pending && ep->post_cpu() == sched_getcpu());
     }
     bool hot = busy || now < hot_until;
     if (hot && now - last_poll < 1'000'000) {
