@@ -26,7 +26,10 @@
 #                     latency) changes for minutes at a time, so back-to-back repetitions could
 #                     put raw in one spell and sanreg in another, or UCX's hits in one and sanreg's
 #                     in another; and each data path repetition opens new connections
-#   REUSE_DURATION    sanreg_bench --duration per run (default 1 s; 3 runs per size and mode)
+#   REUSE_DURATION    sanreg_bench --duration per run (default 1 s)
+#   REUSE_REPEAT      sanreg_bench --repeat: runs per size and mode, the median reported (default
+#                     5; with 3, one mode's two slow runs of a size decided the row: cache / prereg
+#                     read 0.61 on a shm 1 MiB row that read 0.97-1.21 in the other runs)
 #   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
@@ -47,6 +50,7 @@ fi
 CACHE_REPS=${CACHE_REPS:-1}
 DATAPATH_REPS=${DATAPATH_REPS:-1}
 REUSE_DURATION=${REUSE_DURATION:-1}
+REUSE_REPEAT=${REUSE_REPEAT:-5}
 WAIT_MAX=${WAIT_MAX:-900}
 SIZES=(64 4096 65536 1048576 16777216)
 # shellcheck disable=SC2206
@@ -156,7 +160,7 @@ for fabric in shm tcp; do
   plot=()
   [ "$fabric" = shm ] && plot=(--plot="$OUT/reuse_shm.png")
   "${RUN[@]}" "$BIN/tools/sanreg_bench" --fabric="$fabric" --workload=reuse --mode=all --sizes="$SIZE_LIST" \
-    --duration="$REUSE_DURATION" --repeat=3 --progress=off --json="$OUT/reuse_$fabric.json" \
+    --duration="$REUSE_DURATION" --repeat="$REUSE_REPEAT" --progress=off --json="$OUT/reuse_$fabric.json" \
     "${plot[@]}" >"$OUT/reuse_$fabric.log" 2>&1 || { tail -20 "$OUT/reuse_$fabric.log" >&2; exit 1; }
 done
 {
@@ -317,7 +321,7 @@ git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
   echo "# sanreg performance report"
   echo
   echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $COMMIT by"
-  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS CACHE_REPS=$CACHE_REPS DATAPATH_REPS=$DATAPATH_REPS REUSE_DURATION=$REUSE_DURATION${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
+  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS CACHE_REPS=$CACHE_REPS DATAPATH_REPS=$DATAPATH_REPS REUSE_DURATION=$REUSE_DURATION REUSE_REPEAT=$REUSE_REPEAT${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
   echo
   echo "Machine: $(machine)."
   echo "Load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end."
