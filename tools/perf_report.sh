@@ -34,7 +34,7 @@
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
 #                     other work on a shared machine takes less of its cores; unset: as is
-# Takes about 16 minutes on 2 vCPUs with REPS=3. Needs tools/setup.sh's packages (ucx-utils,
+# Takes about 19 minutes on 2 vCPUs with REPS=3. Needs tools/setup.sh's packages (ucx-utils,
 # gnuplot-nox).
 set -euo pipefail
 
