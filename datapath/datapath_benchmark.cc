@@ -109,7 +109,7 @@ struct RawSide {
   fid_pep* pep = nullptr;  // tcp target: the passive endpoint, until the connection is up
   fid_eq* eq = nullptr;    // tcp
   fid_cq* cq = nullptr;
-  fid_av* av = nullptr;    // shm
+  fid_av* av = nullptr;  // shm
   fid_mr* mr = nullptr;
   // Page-aligned and touched, as sanreg's buffers are (testing::Buffer, pinned): a std::vector of
   // kMaxSize starts 16 bytes into a page (malloc's mmap chunk header), which made each of raw's
@@ -345,7 +345,7 @@ class RawTargetThread {
   fid_cq* const cq_;
   std::mutex mu_;
   std::condition_variable cv_;
-  bool stop_ = false;             // under mu_
+  bool stop_ = false;            // under mu_
   std::atomic<bool> run_{true};  // set under mu_, read without it
   std::thread thread_;           // last: starts once the rest is initialized
 };
@@ -465,13 +465,6 @@ constexpr int kModes = static_cast<int>(std::size(kAlternatedModes));
 constexpr auto kTurnWarm = std::chrono::milliseconds(30);
 constexpr auto kTurnTimed = std::chrono::milliseconds(40);
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 void BM_Alternated(benchmark::State& state, const char* prov, bool write) {
   bench::ScopedPin pin(PinCpu(0));
   const size_t size = static_cast<size_t>(state.range(0));
@@ -528,8 +521,10 @@ void BM_Alternated(benchmark::State& state, const char* prov, bool write) {
     state.SetIterationTime(std::chrono::duration<double>(Clock::now() - start).count());
   }
   for (int m = 0; m < kModes; ++m) {
-    state.counters[kAlternatedModes[m]] = Median(rates[m]);
-    if (m > 0) state.counters[std::string(kAlternatedModes[m]) + " / raw"] = Median(ratios[m]);
+    state.counters[kAlternatedModes[m]] = bench::Median(rates[m]);
+    if (m > 0) {
+      state.counters[std::string(kAlternatedModes[m]) + " / raw"] = bench::Median(ratios[m]);
+    }
   }
 }
 
@@ -552,7 +547,8 @@ class RatioReporter : public benchmark::ConsoleReporter {
       const std::string mode = name.substr(0, slash);
       size_t end = slash;
       for (int i = 0; i < 4 && end != std::string::npos; ++i) end = name.find('/', end + 1);
-      const std::string key = name.substr(slash + 1, end == std::string::npos ? end : end - slash - 1);
+      const std::string key =
+          name.substr(slash + 1, end == std::string::npos ? end : end - slash - 1);
       if (mode == "alternated") {
         // Its counters: each mode's bytes/s and the ratios (see BM_Alternated); not its best.
         if (best) continue;
@@ -682,8 +678,8 @@ class RatioReporter : public benchmark::ConsoleReporter {
     return s;
   }
 
-  Rates rates_;  // medians (or single runs)
-  Rates best_;   // the "max" aggregates
+  Rates rates_;       // medians (or single runs)
+  Rates best_;        // the "max" aggregates
   Rates alternated_;  // BM_Alternated's counters: bytes/s by mode, and "<mode> / raw" ratios
   std::vector<std::string> keys_;  // in the order of AddKey
 };

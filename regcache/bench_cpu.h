@@ -1,9 +1,11 @@
 // bench_cpu.h: keeping a benchmark's threads on chosen CPUs, for comparisons whose two sides must
 // run where the other ran (this project's vCPUs can differ twofold in memory latency:
 // docs/PERFORMANCE.md, "The machine and this run"). Test-only; used by the cache's and the data
-// path's comparison benchmarks.
+// path's comparison benchmarks, which also take the Median of the rounds in which their sides took
+// turns.
 //
-// Thread-safety: ThreadCpus from any thread; a ScopedPin belongs to the thread that made it.
+// Thread-safety: ThreadCpus and Median from any thread; a ScopedPin belongs to the thread that
+// made it.
 
 #ifndef SANREG_REGCACHE_BENCH_CPU_H_
 #define SANREG_REGCACHE_BENCH_CPU_H_
@@ -11,6 +13,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace sanreg::bench {
@@ -49,6 +52,14 @@ class ScopedPin {
   cpu_set_t old_;
   bool pinned_ = false;
 };
+
+// The median of `v` (the mean of the middle two when their number is even); 0 when empty.
+inline double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
 
 }  // namespace sanreg::bench
 

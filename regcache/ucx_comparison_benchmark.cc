@@ -397,13 +397,6 @@ constexpr int kScalingRounds = 15;
 constexpr auto kTurnWarm = std::chrono::milliseconds(5);
 constexpr auto kTurnTimed = std::chrono::milliseconds(20);
 
-double MedianOf(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 // `hit(addr)` is one acquire + release of the region at addr, callable from two threads at once.
 template <class Hit>
 void Scaling(benchmark::State& state, Hit hit) {
@@ -499,10 +492,10 @@ void Scaling(benchmark::State& state, Hit hit) {
     state.SkipWithError("no round timed both threads");
     return;
   }
-  state.counters["hits_per_s_cpu0"] = MedianOf(one[0]);
-  state.counters["hits_per_s_cpu1"] = MedianOf(one[1]);
-  state.counters["hits_per_s_2threads"] = MedianOf(two);
-  state.counters["scaling"] = MedianOf(scaling);
+  state.counters["hits_per_s_cpu0"] = bench::Median(one[0]);
+  state.counters["hits_per_s_cpu1"] = bench::Median(one[1]);
+  state.counters["hits_per_s_2threads"] = bench::Median(two);
+  state.counters["scaling"] = bench::Median(scaling);
   state.counters["rounds"] = static_cast<double>(scaling.size());
 }
 
@@ -722,9 +715,10 @@ class RatioReporter : public benchmark::ConsoleReporter {
                     n.c_str(), Fmt(Counter("BM_ScalingSanreg" + turns, "scaling"), "x").c_str(),
                     Fmt(Counter("BM_ScalingUcx" + turns, "scaling"), "x").c_str());
       out += line;
-      std::snprintf(line, sizeof line,
-                    "| the same from the separate runs above, %s regions | %s | %s | | reference |\n",
-                    n.c_str(), Fmt(Ratio(s1, s2), "x").c_str(), Fmt(Ratio(u1, u2), "x").c_str());
+      std::snprintf(
+          line, sizeof line,
+          "| the same from the separate runs above, %s regions | %s | %s | | reference |\n",
+          n.c_str(), Fmt(Ratio(s1, s2), "x").c_str(), Fmt(Ratio(u1, u2), "x").c_str());
       out += line;
       std::snprintf(line, sizeof line,
                     "| the same against CPU 0's 1-thread time alone, %s regions | %s | %s | | |\n",
