@@ -383,7 +383,7 @@ BENCHMARK(BM_HitUcx)->Apply(TwoThreads)->Threads(2)->UseRealTime();
 // apart inside one benchmark. The BM_Hit runs the scaling rows were first read on ran seconds to
 // minutes apart (their repetitions interleaved at random), and this guest changes speed for
 // seconds to minutes at a time: with the cache's code unchanged, report runs read the 100-region
-// scaling at 1.45-2.03x and the 1,000,000-region one at 1.61-2.23x (docs/PERFORMANCE.md, item 2).
+// scaling at 1.45-2.18x and the 1,000,000-region one at 1.44-2.23x (docs/PERFORMANCE.md, item 2).
 // Taking turns, the 1- and 2-thread figures of a round meet the same spell, as the data path's
 // modes do in datapath_benchmark's BM_Alternated.
 // A round has three turns: one thread on CPU 0, one on CPU 1 (each hitting every region, as
