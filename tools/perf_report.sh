@@ -27,9 +27,11 @@
 #                     put raw in one spell and sanreg in another, or UCX's hits in one and sanreg's
 #                     in another; and each data path repetition opens new connections
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s)
-#   REUSE_REPEAT      sanreg_bench --repeat: runs per size and mode, the median reported (default
-#                     5; with 3, one mode's two slow runs of a size decided the row: cache / prereg
-#                     read 0.61 on a shm 1 MiB row that read 0.97-1.21 in the other runs)
+#   REUSE_REPEAT      sanreg_bench --repeat: runs per size and mode (default 5). Each mode's
+#                     median run is tabled; cache / prereg is the median of the repetitions' paired
+#                     ratios (a cache run over the prereg run of its repetition), not a ratio of
+#                     two medians: with 3 runs and medians, one mode's two slow runs decided the
+#                     row (shm 1 MiB read 0.61 once, 0.97-1.21 in the other runs)
 #   WAIT_LOAD         wait (up to WAIT_MAX seconds, default 900) until the 1-minute load average is
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
@@ -163,6 +165,9 @@ for fabric in shm tcp; do
     --duration="$REUSE_DURATION" --repeat="$REUSE_REPEAT" --progress=off --json="$OUT/reuse_$fabric.json" \
     "${plot[@]}" >"$OUT/reuse_$fabric.log" 2>&1 || { tail -20 "$OUT/reuse_$fabric.log" >&2; exit 1; }
 done
+# cache / prereg is sanreg_bench's to_prereg: the median of the repetitions' paired ratios (each
+# cache run over the prereg run of its repetition, seconds apart); the ops/s are each mode's median
+# run.
 {
   echo '| provider | size | nocache ops/s | cache ops/s | prereg ops/s | cache / prereg | cache / nocache | cache hit rate |'
   echo '|---|---:|---:|---:|---:|---:|---:|---:|'
@@ -176,14 +181,16 @@ done
       }
       /"workload": "reuse"/ {
         s = field("size"); mode = field("mode")
-        ops[s, mode] = field("ops_per_s"); if (mode == "cache") hit[s] = field("hit_rate")
+        ops[s, mode] = field("ops_per_s")
+        if (mode == "cache") { hit[s] = field("hit_rate"); paired[s] = field("to_prereg") }
         if (!(s in seen)) { seen[s] = 1; order[n++] = s }
       }
       END {
         for (i = 0; i < n; i++) {
           s = order[i]; c = ops[s, "cache"]; p = ops[s, "prereg"]; u = ops[s, "nocache"]
           printf "| %s | %s | %.0f | %.0f | %.0f | %s | %s | %.1f%% |\n", fabric, s, u, c, p,
-                 (p > 0 ? sprintf("%.2f", c / p) : "-"), (u > 0 ? sprintf("%.2fx", c / u) : "-"),
+                 (paired[s] > 0 ? sprintf("%.2f", paired[s]) : "-"),
+                 (u > 0 ? sprintf("%.2fx", c / u) : "-"),
                  100 * hit[s]
         }
       }' "$OUT/reuse_$fabric.json"

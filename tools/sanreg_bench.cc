@@ -87,9 +87,12 @@ ABSL_FLAG(std::string, mode, "all", "comma-separated: nocache, cache, prereg, or
 ABSL_FLAG(int32_t, buffers, 16, "buffers per thread rotated through by the reuse workload");
 ABSL_FLAG(int32_t, cache_regions, 8,
           "evict workload: the cache's region limit (the working set is twice as many buffers)");
-ABSL_FLAG(int32_t, repeat, 5,
-          "runs of each workload, size and mode, interleaved across modes (each repetition starting "
-          "at the next mode); the run with the median throughput is reported");
+ABSL_FLAG(
+    int32_t, repeat, 5,
+    "runs of each workload, size and mode, interleaved across modes (each repetition starting "
+    "at the next mode); the run with the median throughput is reported, and each mode's "
+    "ratio to prereg is the median of its runs' ratios to prereg's run of the same "
+    "repetition");
 ABSL_FLAG(std::string, via, "cpp",
           "API both processes go through: cpp (the C++ API) or spi (the SAN SPI's C ABI, "
           "ws2san.h; sizes up to its SO_MAX_RDMA_SIZE, 16 MiB)");
@@ -441,6 +444,9 @@ struct Result {
   uint64_t registrations = 0;
   double register_ms = 0;
   uint64_t invalidations = 0, evictions = 0;
+  // ops_per_s over prereg's, the median over the repetitions of each run's ratio to prereg's run
+  // of the same repetition (seconds apart); 0 for prereg itself and when prereg did not run.
+  double to_prereg = 0;
 };
 
 struct Buffer {
@@ -591,7 +597,7 @@ class CppPath {
   std::unique_ptr<Registrar> fabric_reg_;
   TimingRegistrar timing_;
   std::unique_ptr<RegistrationCache> cache_;  // cache mode; destroyed before the registrars
-  CacheStats clock_;                           // at StartClock: the hit rate's baseline
+  CacheStats clock_;                          // at StartClock: the hit rate's baseline
 };
 
 // Through the SPI's C ABI, as a switch calls it. Each run is one SPI session, so that it starts
@@ -789,7 +795,7 @@ class SpiPath {
   uint8_t desc_[256] = {};
   DWORD desc_len_ = 0;
   CacheStats before_;
-  CacheStats clock_;  // at StartClock: the hit rate's baseline
+  CacheStats clock_;            // at StartClock: the hit rate's baseline
   std::atomic<int64_t> ns_{0};  // inside the registration calls, summed over threads
 };
 
@@ -1034,7 +1040,7 @@ void PrintTable(const std::string& workload, const Config& config, const std::ve
     }
     if (c == nullptr || (p == nullptr && n == nullptr)) continue;
     std::printf("  %-7s cache", SizeName(s).c_str());
-    if (p != nullptr) std::printf(" = %.1f%% of prereg", 100 * c->ops_per_s / p->ops_per_s);
+    if (p != nullptr) std::printf(" = %.1f%% of prereg", 100 * c->to_prereg);
     if (n != nullptr) std::printf(", %.2fx nocache", c->ops_per_s / n->ops_per_s);
     std::printf("\n");
   }
@@ -1057,10 +1063,10 @@ bool WriteJson(const std::string& path, const std::string& provider, const Confi
                  "\"p50_us\": %.3f, \"p99_us\": %.3f, \"hit_rate\": %.6f, "
                  "\"registrations\": %" PRIu64
                  ", \"register_ms\": %.3f, "
-                 "\"invalidations\": %" PRIu64 ", \"evictions\": %" PRIu64 "}",
+                 "\"invalidations\": %" PRIu64 ", \"evictions\": %" PRIu64 ", \"to_prereg\": %.6f}",
                  i ? "," : "", r.workload.c_str(), r.mode.c_str(), r.size, r.threads, r.ops,
                  r.seconds, r.ops_per_s, r.gb_per_s, r.p50_us, r.p99_us, r.hit_rate,
-                 r.registrations, r.register_ms, r.invalidations, r.evictions);
+                 r.registrations, r.register_ms, r.invalidations, r.evictions, r.to_prereg);
   }
   std::fprintf(f, "\n  ]\n}\n");
   return std::fclose(f) == 0;
@@ -1128,7 +1134,8 @@ int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "pin-down workloads: RDMA writes from buffers registered per operation (nocache), through "
       "sanreg's cache (cache) or once up front (prereg), between two processes.\n"
-      "Usage: sanreg_bench [--fabric=shm|tcp|auto|verbs[:DEVICE]] [--sizes=4KiB,1MiB] [--ops=N|--duration=S] "
+      "Usage: sanreg_bench [--fabric=shm|tcp|auto|verbs[:DEVICE]] [--sizes=4KiB,1MiB] "
+      "[--ops=N|--duration=S] "
       "[--threads=N] [--workload=reuse,churn,evict] [--mode=nocache,cache,prereg] "
       "[--via=cpp|spi] [--json=FILE] [--csv=FILE] [--plot=FILE.png]");
   tools::PrecheckArgs("sanreg_bench", argc, argv);
@@ -1264,13 +1271,34 @@ int Main(int argc, char** argv) {
           runs[k].push_back(*r);
         }
       }
+      // Each mode against prereg, run by run: a repetition's runs are seconds apart, and this
+      // guest changes speed for seconds to minutes at a time, so two modes' medians can come from
+      // different spells (docs/PERFORMANCE.md, item 5); the median of the paired ratios cannot.
+      const auto pk = std::find(config.modes.begin(), config.modes.end(), "prereg");
+      const std::vector<Result>* prereg =
+          pk == config.modes.end() ? nullptr
+                                   : &runs[static_cast<size_t>(pk - config.modes.begin())];
+      std::vector<double> to_prereg(runs.size(), 0);
+      for (size_t k = 0; k < runs.size(); ++k) {
+        if (prereg == nullptr || prereg->empty() || &runs[k] == prereg) continue;
+        std::vector<double> ratios;
+        for (size_t r = 0; r < runs[k].size() && r < prereg->size(); ++r) {
+          ratios.push_back(runs[k][r].ops_per_s / (*prereg)[r].ops_per_s);
+        }
+        std::sort(ratios.begin(), ratios.end());
+        const size_t n = ratios.size();
+        if (n > 0)
+          to_prereg[k] = n % 2 == 1 ? ratios[n / 2] : (ratios[n / 2 - 1] + ratios[n / 2]) / 2;
+      }
       // The run with the median throughput (the machine is shared: the median is what a run
       // typically sees, where the best would favour whichever mode got luckier).
-      for (auto& v : runs) {
+      for (size_t k = 0; k < runs.size(); ++k) {
+        std::vector<Result>& v = runs[k];
         if (v.empty()) continue;  // churn's prereg
         std::sort(v.begin(), v.end(),
                   [](const Result& a, const Result& b) { return a.ops_per_s < b.ops_per_s; });
         results.push_back(v[v.size() / 2]);
+        results.back().to_prereg = to_prereg[k];
       }
     }
     PrintTable(w, config, results);

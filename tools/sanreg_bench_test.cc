@@ -53,8 +53,11 @@ void CheckTinyRunJson(const std::string& text, const std::string& via, int kOps)
 
   std::set<std::string> seen;
   const std::vector<std::string> kNumbers = {
-      "size",   "threads",  "ops",           "seconds",     "ops_per_s",     "gb_per_s", "p50_us",
-      "p99_us", "hit_rate", "registrations", "register_ms", "invalidations", "evictions"};
+      "size",        "threads",       "ops",       "seconds",  "ops_per_s",
+      "gb_per_s",    "p50_us",        "p99_us",    "hit_rate", "registrations",
+      "register_ms", "invalidations", "evictions", "to_prereg"};
+  // workload/size -> mode -> {ops_per_s, to_prereg}, for the ratios to prereg below.
+  std::map<std::string, std::map<std::string, std::pair<double, double>>> by_row;
   for (const Json& j : results) {
     const JsonObject& o = j.obj();
     const std::string w = o.at("workload").str();
@@ -64,6 +67,8 @@ void CheckTinyRunJson(const std::string& text, const std::string& via, int kOps)
     }
     SCOPED_TRACE(w + " " + m + " " + std::to_string(o.at("size").num()));
     seen.insert(w + "/" + m);
+    by_row[w + "/" + std::to_string(o.at("size").num())][m] = {o.at("ops_per_s").num(),
+                                                               o.at("to_prereg").num()};
     const double size = o.at("size").num();
     // The threads workload is buffer reuse on four threads, each with its own four buffers.
     const int threads = w == "threads" ? 4 : 1;
@@ -134,6 +139,19 @@ void CheckTinyRunJson(const std::string& text, const std::string& via, int kOps)
       EXPECT_GT(regs, 4);
       EXPECT_LT(hit, 1);
       EXPECT_NEAR(regs, kOps * (1 - hit), 1e-6);  // every miss registers
+    }
+  }
+  // One run per mode (--repeat=1): each mode's ratio to prereg is its run's over prereg's; prereg's
+  // own, and churn's (no prereg), are 0.
+  for (const auto& [row, modes] : by_row) {
+    SCOPED_TRACE(row);
+    const auto p = modes.find("prereg");
+    for (const auto& [m, v] : modes) {
+      if (m == "prereg" || p == modes.end()) {
+        EXPECT_EQ(v.second, 0) << m;
+      } else {
+        EXPECT_NEAR(v.second, v.first / p->second.first, 1e-4 * v.second) << m;
+      }
     }
   }
   EXPECT_EQ(seen, (std::set<std::string>{
