@@ -1,8 +1,8 @@
 // bench_cpu.h: keeping a benchmark's threads on chosen CPUs, for comparisons whose two sides must
 // run where the other ran (this project's vCPUs can differ twofold in memory latency:
-// docs/PERFORMANCE.md, "The machine and this run"). Test-only; used by the cache's and the data
-// path's comparison benchmarks, which also take the Median of the rounds in which their sides took
-// turns.
+// docs/PERFORMANCE.md, "The machine and this run"), and the Median of the rounds or repetitions in
+// which the sides took turns. For benchmarks: the cache's and the data path's comparison
+// benchmarks, and sanreg_bench (Median only).
 //
 // Thread-safety: ThreadCpus and Median from any thread; a ScopedPin belongs to the thread that
 // made it.

@@ -63,6 +63,7 @@
 #include "datapath/fabric.h"
 #include "datapath/fd_io.h"
 #include "datapath/remote_region.h"
+#include "regcache/bench_cpu.h"
 #include "regcache/cache.h"
 #include "regcache/pin_registrar.h"
 #include "regcache/stats_segment.h"
@@ -1285,10 +1286,7 @@ int Main(int argc, char** argv) {
         for (size_t r = 0; r < runs[k].size() && r < prereg->size(); ++r) {
           ratios.push_back(runs[k][r].ops_per_s / (*prereg)[r].ops_per_s);
         }
-        std::sort(ratios.begin(), ratios.end());
-        const size_t n = ratios.size();
-        if (n > 0)
-          to_prereg[k] = n % 2 == 1 ? ratios[n / 2] : (ratios[n / 2 - 1] + ratios[n / 2]) / 2;
+        to_prereg[k] = bench::Median(std::move(ratios));
       }
       // The run with the median throughput (the machine is shared: the median is what a run
       // typically sees, where the best would favour whichever mode got luckier).
