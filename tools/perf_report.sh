@@ -26,6 +26,13 @@
 #                     latency) changes for minutes at a time, so back-to-back repetitions could
 #                     put raw in one spell and sanreg in another, or UCX's hits in one and sanreg's
 #                     in another; and each data path repetition opens new connections
+#   DATAPATH_ALT_REPS the data path's alternated benchmarks' repetitions, the table the 0.9 target
+#                     is read on (default: 15 when REPS is more than 1, else DATAPATH_REPS). A
+#                     repetition's rounds share its connections and threads, and its ratio can
+#                     sit 10-15% off the row's: with 5, one row of the 24 at the issue's sizes read
+#                     under 0.9 in two report runs of seven (tcp 1 MiB writes at depth 1, 0.87
+#                     once), while 20 repetitions of each of those rows put every median at 0.97
+#                     or more (docs/PERFORMANCE.md item 4)
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s)
 #   REUSE_REPEAT      sanreg_bench --repeat: runs per size and mode (default 5). Each mode's
 #                     median run is tabled; cache / prereg is the median of the repetitions' paired
@@ -48,9 +55,11 @@ REPS=${REPS:-1}
 if [ "$REPS" -gt 1 ]; then
   CACHE_REPS=${CACHE_REPS:-$((REPS > 5 ? REPS : 5))}
   DATAPATH_REPS=${DATAPATH_REPS:-$((REPS > 5 ? REPS : 5))}
+  DATAPATH_ALT_REPS=${DATAPATH_ALT_REPS:-15}
 fi
 CACHE_REPS=${CACHE_REPS:-1}
 DATAPATH_REPS=${DATAPATH_REPS:-1}
+DATAPATH_ALT_REPS=${DATAPATH_ALT_REPS:-$DATAPATH_REPS}
 REUSE_DURATION=${REUSE_DURATION:-1}
 REUSE_REPEAT=${REUSE_REPEAT:-5}
 WAIT_MAX=${WAIT_MAX:-900}
@@ -99,8 +108,9 @@ if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); 
 INTERLEAVED=(--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true)
 CACHE_FLAGS=(--benchmark_repetitions="$CACHE_REPS" --benchmark_color=false)
 if [ "$CACHE_REPS" -gt 1 ]; then CACHE_FLAGS+=("${INTERLEAVED[@]}"); fi
-DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS" --benchmark_color=false)
-if [ "$DATAPATH_REPS" -gt 1 ]; then DATAPATH_FLAGS+=("${INTERLEAVED[@]}"); fi
+DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS" --alternated_repetitions="$DATAPATH_ALT_REPS"
+  --benchmark_color=false)
+if [ "$DATAPATH_REPS" -gt 1 ] || [ "$DATAPATH_ALT_REPS" -gt 1 ]; then DATAPATH_FLAGS+=("${INTERLEAVED[@]}"); fi
 
 # ---- 1. the cache against UCX ----------------------------------------------------------------
 echo "perf_report: cache vs UCX" >&2
@@ -258,12 +268,14 @@ datapath_targets() {
         r = $col + 0; n++
         if (r >= 0.9) ok++
         if (min == "" || r < min) { min = r; at = $2 "/" $3 "/" $4 "/depth " $5 }
+        # issue 4 aims at 0.9 at these three sizes
+        if ($4 ~ /^ *(4 KiB|64 KiB|1 MiB) *$/) { n3++; if (r >= 0.9) ok3++ }
       }
       END {
         if (n == 0) exit
         gsub(/ /, "", at)
-        printf "| data path, %s / raw%s: rows at >= 0.9 | %d of %d (lowest %.2f, %s) | >= 0.9 | %s |\n",
-               (col == poll ? "sanreg-poll" : "sanreg"), label, ok, n, min, at,
+        printf "| data path, %s / raw%s: rows at >= 0.9 | %d of %d (lowest %.2f, %s; at 4 KiB, 64 KiB and 1 MiB: %d of %d) | >= 0.9 | %s |\n",
+               (col == poll ? "sanreg-poll" : "sanreg"), label, ok, n, min, at, ok3, n3,
                (ref != "" ? ref : ok == n ? "met" : "MISSED")
       }' "$OUT/datapath.md"
   done
@@ -328,7 +340,7 @@ git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (with uncommitted changes)"
   echo "# sanreg performance report"
   echo
   echo "Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $COMMIT by"
-  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS CACHE_REPS=$CACHE_REPS DATAPATH_REPS=$DATAPATH_REPS REUSE_DURATION=$REUSE_DURATION REUSE_REPEAT=$REUSE_REPEAT${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
+  echo "\`bash tools/perf_report.sh\` (CACHE_MIN_TIME=$CACHE_MIN_TIME DATAPATH_MIN_TIME=$DATAPATH_MIN_TIME REPS=$REPS CACHE_REPS=$CACHE_REPS DATAPATH_REPS=$DATAPATH_REPS DATAPATH_ALT_REPS=$DATAPATH_ALT_REPS REUSE_DURATION=$REUSE_DURATION REUSE_REPEAT=$REUSE_REPEAT${PERF_NICE:+ PERF_NICE=$PERF_NICE}), in ${ELAPSED} s."
   echo
   echo "Machine: $(machine)."
   echo "Load average (1, 5, 15 min): $LOAD_START at the start, $LOAD_END at the end."
