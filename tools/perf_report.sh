@@ -43,8 +43,8 @@
 #                     below this before starting, e.g. 1.5; unset: start at once
 #   PERF_NICE         run every measurement under `nice -n PERF_NICE` (e.g. -10, as root) so that
 #                     other work on a shared machine takes less of its cores; unset: as is
-# Takes about 19 minutes on 2 vCPUs with REPS=3. Needs tools/setup.sh's packages (ucx-utils,
-# gnuplot-nox).
+# Takes about 29 minutes on 2 vCPUs with REPS=3 (19 before DATAPATH_ALT_REPS). Needs
+# tools/setup.sh's packages (ucx-utils, gnuplot-nox).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -108,9 +108,11 @@ if [ "$REPS" -gt 1 ]; then GB_FLAGS+=(--benchmark_report_aggregates_only=true); 
 INTERLEAVED=(--benchmark_report_aggregates_only=true --benchmark_enable_random_interleaving=true)
 CACHE_FLAGS=(--benchmark_repetitions="$CACHE_REPS" --benchmark_color=false)
 if [ "$CACHE_REPS" -gt 1 ]; then CACHE_FLAGS+=("${INTERLEAVED[@]}"); fi
-DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS" --alternated_repetitions="$DATAPATH_ALT_REPS"
-  --benchmark_color=false)
-if [ "$DATAPATH_REPS" -gt 1 ] || [ "$DATAPATH_ALT_REPS" -gt 1 ]; then DATAPATH_FLAGS+=("${INTERLEAVED[@]}"); fi
+DATAPATH_FLAGS=(--benchmark_repetitions="$DATAPATH_REPS"
+  --alternated_repetitions="$DATAPATH_ALT_REPS" --benchmark_color=false)
+if [ "$DATAPATH_REPS" -gt 1 ] || [ "$DATAPATH_ALT_REPS" -gt 1 ]; then
+  DATAPATH_FLAGS+=("${INTERLEAVED[@]}")
+fi
 
 # ---- 1. the cache against UCX ----------------------------------------------------------------
 echo "perf_report: cache vs UCX" >&2
