@@ -22,7 +22,8 @@
 //
 // Run: bazel run -c opt //datapath:datapath_benchmark -- --benchmark_min_time=0.05
 // For ratios to compare (tools/perf_report.sh does this): --benchmark_repetitions=5
-// --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true. Each
+// --alternated_repetitions=15 --benchmark_enable_random_interleaving=true
+// --benchmark_report_aggregates_only=true. Each
 // repetition opens new connections, and this guest changes speed for minutes at a time, so
 // repetitions run back to back can put one mode's runs in a slow spell and the next mode's in a
 // fast one; interleaved, every mode's median draws from the same spells and connections. The
