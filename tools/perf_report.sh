@@ -27,12 +27,12 @@
 #                     put raw in one spell and sanreg in another, or UCX's hits in one and sanreg's
 #                     in another; and each data path repetition opens new connections
 #   DATAPATH_ALT_REPS the data path's alternated benchmarks' repetitions, the table the 0.9 target
-#                     is read on (default: 15 when REPS is more than 1, else DATAPATH_REPS). A
-#                     repetition's rounds share its connections and threads, and its ratio can
-#                     sit 10-15% off the row's: with 5, one row of the 24 at the issue's sizes read
-#                     under 0.9 in two report runs of seven (tcp 1 MiB writes at depth 1, 0.87
-#                     once), while 20 repetitions of each of those rows put every median at 0.97
-#                     or more (docs/PERFORMANCE.md item 4)
+#                     is read on (default: DATAPATH_REPS, but at least 15 when REPS is more
+#                     than 1). A repetition's rounds share its connections and threads, and its
+#                     ratio can sit 10-15% off the row's: with 5, one row of the 24 at the issue's
+#                     sizes read under 0.9 in two report runs of seven (a tcp 1 MiB write at
+#                     depth 1 at 0.87 once), while 20 repetitions of each of those rows put every
+#                     median at 0.97 or more (docs/PERFORMANCE.md item 4)
 #   REUSE_DURATION    sanreg_bench --duration per run (default 1 s)
 #   REUSE_REPEAT      sanreg_bench --repeat: runs per size and mode (default 5). Each mode's
 #                     median run is tabled; cache / prereg is the median of the repetitions' paired
@@ -55,7 +55,7 @@ REPS=${REPS:-1}
 if [ "$REPS" -gt 1 ]; then
   CACHE_REPS=${CACHE_REPS:-$((REPS > 5 ? REPS : 5))}
   DATAPATH_REPS=${DATAPATH_REPS:-$((REPS > 5 ? REPS : 5))}
-  DATAPATH_ALT_REPS=${DATAPATH_ALT_REPS:-15}
+  DATAPATH_ALT_REPS=${DATAPATH_ALT_REPS:-$((DATAPATH_REPS > 15 ? DATAPATH_REPS : 15))}
 fi
 CACHE_REPS=${CACHE_REPS:-1}
 DATAPATH_REPS=${DATAPATH_REPS:-1}
@@ -276,7 +276,8 @@ datapath_targets() {
       END {
         if (n == 0) exit
         gsub(/ /, "", at)
-        printf "| data path, %s / raw%s: rows at >= 0.9 | %d of %d (lowest %.2f, %s; at 4 KiB, 64 KiB and 1 MiB: %d of %d) | >= 0.9 | %s |\n",
+        printf "| data path, %s / raw%s: rows at >= 0.9 | %d of %d (lowest %.2f, %s; " \
+               "at 4 KiB, 64 KiB and 1 MiB: %d of %d) | >= 0.9 | %s |\n",
                (col == poll ? "sanreg-poll" : "sanreg"), label, ok, n, min, at, ok3, n3,
                (ref != "" ? ref : ok == n ? "met" : "MISSED")
       }' "$OUT/datapath.md"
